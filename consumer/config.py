@@ -1,0 +1,46 @@
+"""Consumer configuration: one frozen object, built once at the edge (the management command)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+QueueType = Literal["quorum", "classic"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: ``amqp://`` or ``amqps://`` URL of the broker, credentials included.
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    exchange: str = "oioioi.workers"
+    routing_key: str = "results"
+    queue: str = "oioioi.workers.results"
+    dead_letter_queue: str = "oioioi.workers.results.dead"
+    retry_queue: str = "oioioi.workers.results.retry"
+    queue_type: QueueType = "quorum"
+    #: Broker-side limit on deliveries of one message (quorum queues only).
+    delivery_limit: int = 20
+    #: Retries of an unexpected write error, through the retry queue, before dead-lettering.
+    max_retries: int = 5
+    retry_delay_ms: int = 10_000
+    prefetch: int = 64
+    batch_size: int = 32
+    heartbeat: int = 30
+    blocked_connection_timeout: float = 60.0
+    #: Seconds of quiet after which the loop looks at its shutdown flag and sweeps.
+    idle_tick: float = 1.0
+    db_retry_attempts: int = 5
+    db_retry_initial: float = 0.2
+    db_retry_max: float = 5.0
+    db_probe_max: float = 30.0
+    reconnect_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.queue_type not in ("quorum", "classic"):
+            raise ValueError(f"queue_type must be 'quorum' or 'classic', not {self.queue_type!r}")
+        if self.batch_size < 1 or self.prefetch < self.batch_size:
+            raise ValueError("need 1 <= batch_size <= prefetch")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,66 @@
+"""From an AMQP body to an environ, by the legacy receiver's rules (without its ``assert``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from consumer.errors import InvalidEnviron, UndecodableMessage
+
+#: Fields the legacy receiver deleted before resuming: the job group as sent, and its arguments.
+DROPPED_FIELDS = ("workers_jobs", "workers_jobs.extra_args")
+
+
+@dataclass(frozen=True)
+class Result:
+    """A decoded result, ready for the write."""
+
+    env: dict[str, Any]
+    #: Idempotency key: the message id, or a hash of the body when the message has none.
+    key: str
+    message_id: str | None
+
+    @property
+    def job_id(self) -> str | None:
+        value = self.env.get("job_id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def group_id(self) -> str | None:
+        value = self.env.get("group_id")
+        return value if isinstance(value, str) else None
+
+
+def content_key(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def parse_environ(body: bytes | str) -> dict[str, Any]:
+    """Parse a body into a JSON object, or raise :class:`UndecodableMessage`/:class:`InvalidEnviron`."""
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+        env = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise UndecodableMessage(f"body is not UTF-8: {e}") from None
+    except ValueError as e:
+        raise UndecodableMessage(f"body is not JSON: {e}") from None
+    if not isinstance(env, dict):
+        raise InvalidEnviron(f"environ must be a JSON object, not {type(env).__name__}")
+    return env
+
+
+def validate(env: dict[str, Any]) -> dict[str, Any]:
+    """Apply the legacy receiver's rules in place: drop the sent jobs, require results or error."""
+    for field in DROPPED_FIELDS:
+        env.pop(field, None)
+    if "workers_jobs.results" not in env and "error" not in env:
+        raise InvalidEnviron("environ has neither 'workers_jobs.results' nor 'error'")
+    return env
+
+
+def decode(body: bytes, message_id: str | None = None) -> Result:
+    """Decode and validate one message body."""
+    env = validate(parse_environ(body))
+    return Result(env=env, key=message_id or content_key(body), message_id=message_id)

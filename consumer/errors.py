@@ -1,0 +1,62 @@
+"""The library's exceptions; pika's never leave :mod:`consumer.transport`."""
+
+from __future__ import annotations
+
+
+class ConsumerError(Exception):
+    """Root of every error this library raises."""
+
+
+# --- Message-specific, permanent: the message goes to the dead-letter queue at once. -----------
+
+
+class PermanentError(ConsumerError):
+    """Raised when a message can never succeed, however often it is retried."""
+
+    #: Short reason code put in the dead-letter headers and used in metrics.
+    reason = "permanent"
+
+
+class UndecodableMessage(PermanentError):
+    """Raised when a body is not UTF-8 JSON."""
+
+    reason = "undecodable"
+
+
+class InvalidEnviron(PermanentError):
+    """Raised when the JSON is not an environ a worker returns (legacy receiver's rules)."""
+
+    reason = "invalid"
+
+
+class RejectedEnviron(PermanentError):
+    """Raised by the write when the domain refuses the environ (no job id, bad saved environ id)."""
+
+    reason = "rejected"
+
+
+# --- Infrastructure: not the message's fault; nothing is dead-lettered for these. --------------
+
+
+class TransportError(ConsumerError):
+    """Raised when the broker connection or channel is gone; the caller reconnects."""
+
+
+class ConnectionClosed(TransportError):
+    """Raised when the connection to the broker was lost or could not be made."""
+
+
+class ConsumerCancelled(TransportError):
+    """Raised when the broker cancelled our consumer (queue deleted, node failover)."""
+
+
+class StaleDelivery(TransportError):
+    """Raised on an attempt to settle a delivery that arrived on an earlier channel."""
+
+
+class PublishError(ConsumerError):
+    """Raised when the broker did not confirm a publish (nacked, unroutable, or gone)."""
+
+
+class DatabaseUnavailable(ConsumerError):
+    """Raised when a write kept failing with transient database errors past its retry budget."""

@@ -1,0 +1,239 @@
+"""The only module that talks to pika. Its exceptions are wrapped before they leave.
+
+One :class:`Transport` is one broker connection with one channel in confirm mode, used both to
+consume (prefetch-bounded, manual acks) and to publish the copies that dead-lettering and delayed
+retries need. A publish returns only once the broker has confirmed it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+from consumer import topology
+from consumer.config import Settings
+from consumer.errors import (
+    ConnectionClosed,
+    ConsumerCancelled,
+    PublishError,
+    StaleDelivery,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Each channel gets a number; a delivery remembers its channel's, so that a tag from a channel
+#: that is gone can never be acknowledged on its successor (it would ack an unrelated message).
+_generations = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Properties:
+    """The AMQP properties this project reads or writes; any of them may be absent."""
+
+    message_id: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    timestamp: int | None = None
+    content_type: str | None = None
+    app_id: str | None = None
+    correlation_id: str | None = None
+
+    @classmethod
+    def from_pika(cls, props: pika.BasicProperties | None) -> Properties:
+        if props is None:
+            return cls()
+        return cls(
+            message_id=props.message_id or None,
+            headers=dict(props.headers or {}),
+            timestamp=props.timestamp,
+            content_type=props.content_type,
+            app_id=props.app_id,
+            correlation_id=props.correlation_id,
+        )
+
+    def to_pika(self) -> pika.BasicProperties:
+        return pika.BasicProperties(
+            message_id=self.message_id,
+            headers=self.headers or None,
+            timestamp=self.timestamp,
+            content_type=self.content_type,
+            app_id=self.app_id,
+            correlation_id=self.correlation_id,
+            delivery_mode=pika.DeliveryMode.Persistent,
+        )
+
+
+@dataclass(frozen=True)
+class Delivery:
+    tag: int
+    body: bytes
+    properties: Properties
+    redelivered: bool
+    generation: int
+
+    @property
+    def message_id(self) -> str | None:
+        return self.properties.message_id
+
+
+def connection_parameters(settings: Settings) -> pika.URLParameters:
+    params = pika.URLParameters(settings.amqp_url)
+    params.heartbeat = settings.heartbeat
+    params.blocked_connection_timeout = settings.blocked_connection_timeout
+    params.client_properties = {"connection_name": "oioioi-results"}
+    return params
+
+
+@contextmanager
+def _wrapped() -> Iterator[None]:
+    try:
+        yield
+    except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
+        raise PublishError(f"broker did not accept the message: {e!r}") from None
+    except pika.exceptions.ConsumerCancelled:
+        raise ConsumerCancelled("the broker cancelled the consumer") from None
+    except (pika.exceptions.AMQPError, OSError) as e:
+        raise ConnectionClosed(f"broker connection lost: {e!r}") from None
+
+
+class Transport:
+    """A confirmed channel on a fresh connection; use as a context manager."""
+
+    def __init__(self, settings: Settings, *, consume: bool = True) -> None:
+        self.settings = settings
+        self._consume = consume
+        self._pending: collections.deque[Delivery] = collections.deque()
+        self._cancelled = False
+        with _wrapped():
+            self._connection: BlockingConnection = pika.BlockingConnection(
+                connection_parameters(settings)
+            )
+            try:
+                self._channel: BlockingChannel = self._connection.channel()
+                self.generation = next(_generations)
+                self._channel.confirm_delivery()
+                topology.declare(self._channel, settings)
+                if consume:
+                    self._channel.basic_qos(prefetch_count=settings.prefetch)
+                    self._channel.add_on_cancel_callback(self._on_cancel)
+                    self._channel.basic_consume(settings.queue, self._on_message, auto_ack=False)
+            except BaseException:
+                self._close_quietly()
+                raise
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def _on_message(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        self._pending.append(
+            Delivery(
+                tag=method.delivery_tag,
+                body=body,
+                properties=Properties.from_pika(props),
+                redelivered=bool(method.redelivered),
+                generation=self.generation,
+            )
+        )
+
+    def _on_cancel(self, frame: Any) -> None:
+        self._cancelled = True
+
+    def receive(self, max_count: int, timeout: float) -> list[Delivery]:
+        """Up to ``max_count`` deliveries: waits at most ``timeout`` seconds for the first."""
+        with _wrapped():
+            if not self._pending:
+                self._connection.process_data_events(time_limit=timeout)
+            # Take what else has arrived meanwhile, without waiting, to fill the batch.
+            if self._pending and len(self._pending) < max_count:
+                self._connection.process_data_events(time_limit=0)
+        if self._cancelled:
+            raise ConsumerCancelled("the broker cancelled the consumer")
+        batch: list[Delivery] = []
+        while self._pending and len(batch) < max_count:
+            batch.append(self._pending.popleft())
+        return batch
+
+    # --- settling --------------------------------------------------------------------------
+
+    def ack(self, delivery: Delivery, *, multiple: bool = False) -> None:
+        if delivery.generation != self.generation:
+            raise StaleDelivery(
+                f"delivery {delivery.tag} belongs to channel {delivery.generation}, "
+                f"not the current {self.generation}"
+            )
+        with _wrapped():
+            self._channel.basic_ack(delivery.tag, multiple=multiple)
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, properties: Properties) -> None:
+        """Publish persistent and mandatory; returns once the broker has confirmed it."""
+        with _wrapped():
+            self._channel.basic_publish(
+                exchange, routing_key, body, properties.to_pika(), mandatory=True
+            )
+
+    # --- waiting ---------------------------------------------------------------------------
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep while keeping heartbeats flowing (``time.sleep`` would starve them)."""
+        with _wrapped():
+            self._connection.sleep(seconds)
+
+    def wait(self, future: Future[T]) -> T:
+        """Service the connection until ``future`` (work on another thread) is done."""
+
+        def wake(_: Future[T]) -> None:
+            # If the connection is gone, the loop below notices on its own.
+            with contextlib.suppress(Exception):
+                self._connection.add_callback_threadsafe(lambda: None)
+
+        future.add_done_callback(wake)
+        try:
+            with _wrapped():
+                while not future.done():
+                    self._connection.process_data_events(time_limit=1.0)
+        except ConnectionClosed:
+            # The work goes on regardless; let it end before anyone reconnects, so that a
+            # redelivery of the same message is never written while this write still runs.
+            future.exception()
+            raise
+        return future.result()
+
+    # --- closing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel; unacknowledged deliveries return to the queue."""
+        self._pending.clear()
+        self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        try:
+            if self._connection.is_open:
+                self._connection.close()
+        except Exception:
+            log.debug("Error while closing the broker connection.", exc_info=True)
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self._connection.is_open and self._channel.is_open)
+
+
+def call_with_transport(settings: Settings, func: Callable[[Transport], T]) -> T:
+    with Transport(settings, consume=False) as transport:
+        return func(transport)

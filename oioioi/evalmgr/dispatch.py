@@ -1,0 +1,155 @@
+"""Hand-off from a committed resume to the recipe runner.
+
+``delay_environ`` calls :meth:`Dispatcher.dispatch` inside the resume's transaction. The local
+dispatcher writes a :class:`~oioioi.workers.models.PendingRun` row there, so the hand-off commits or
+rolls back with the resume itself: a process that dies right after the commit leaves the row
+behind, and whoever calls :meth:`run_pending` next (the restarted consumer, another consumer, or
+``manage.py run_pending_jobs``) claims it once its lease has expired and runs it.
+
+A run is claimed with a lease (``claimed_by`` / ``claimed_until``). Each recipe phase commits with a
+checkpoint of the environ that also checks and extends the lease, so a phase whose runner lost the
+lease rolls back instead of committing twice, and a crash between phases resumes after the last
+committed one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from oioioi.evalmgr.tasks import INFRASTRUCTURE_ERRORS, Ignore, LeaseLost, evalmgr_job
+
+log = logging.getLogger(__name__)
+
+#: How long a claim holds before another runner may take the run over; must exceed one phase.
+LEASE = timedelta(seconds=300)
+#: Claims after which a run is left alone for an operator (it keeps killing its runner).
+MAX_ATTEMPTS = 5
+
+
+class Dispatcher:
+    """Interface: hand a resumed environ to the runner."""
+
+    def dispatch(self, environ: dict[str, Any], **extra: Any) -> str:
+        raise NotImplementedError
+
+    def run_pending(self, limit: int | None = None) -> int:
+        """Run what this process dispatched, then any abandoned runs; returns how many ran."""
+        return 0
+
+
+class _ClaimedRun:
+    def __init__(self, pk: int, token: str) -> None:
+        self.pk = pk
+        self.token = token
+
+    def _mine(self) -> Any:
+        from oioioi.workers.models import PendingRun
+
+        return PendingRun.objects.filter(pk=self.pk, claimed_by=self.token)
+
+    def checkpoint(self, environ: dict[str, Any]) -> None:
+        updated = self._mine().update(
+            environ=json.dumps(environ), claimed_until=timezone.now() + LEASE
+        )
+        if not updated:
+            raise LeaseLost(f"run {self.pk} was taken over by another runner")
+
+    def finish(self) -> None:
+        deleted, _ = self._mine().delete()
+        if not deleted:
+            raise LeaseLost(f"run {self.pk} was taken over by another runner")
+
+
+class LocalDispatcher(Dispatcher):
+    """Durable hand-off; runs the recipes in this process, after the caller's commit and ack."""
+
+    def __init__(self) -> None:
+        self._ready: list[int] = []
+        self._token_prefix = f"{socket.gethostname()}:{os.getpid()}"
+
+    def dispatch(self, environ: dict[str, Any], **extra: Any) -> str:
+        from oioioi.workers.models import PendingRun
+
+        run = PendingRun.objects.create(job_id=environ["job_id"], environ=json.dumps(environ))
+        transaction.on_commit(lambda: self._ready.append(run.pk))
+        return f"run-{run.pk}"
+
+    def run_pending(self, limit: int | None = None) -> int:
+        from oioioi.workers.models import PendingRun
+
+        ran = 0
+        ready, self._ready = self._ready, []
+        for pk in ready:
+            ran += self._run(pk)
+        if limit is None or ran < limit:
+            abandoned = (
+                PendingRun.objects.filter(attempts__lt=MAX_ATTEMPTS)
+                .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=timezone.now()))
+                .exclude(pk__in=ready)
+                .order_by("pk")
+                .values_list("pk", flat=True)
+            )
+            for pk in abandoned[: (limit - ran) if limit is not None else 100]:
+                ran += self._run(pk)
+        return ran
+
+    def _claim(self, pk: int) -> _ClaimedRun | None:
+        from oioioi.workers.models import PendingRun
+
+        token = f"{self._token_prefix}:{uuid.uuid4().hex[:12]}"
+        now = timezone.now()
+        with transaction.atomic():
+            claimed = (
+                PendingRun.objects.filter(pk=pk, attempts__lt=MAX_ATTEMPTS)
+                .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now))
+                .update(claimed_by=token, claimed_until=now + LEASE, attempts=F("attempts") + 1)
+            )
+        return _ClaimedRun(pk, token) if claimed else None
+
+    def _run(self, pk: int) -> int:
+        from oioioi.workers.models import PendingRun
+
+        run = self._claim(pk)
+        if run is None:
+            return 0
+        row = PendingRun.objects.filter(pk=pk).values_list("environ", "job_id").first()
+        if row is None:
+            return 0
+        environ = json.loads(row[0])
+        try:
+            evalmgr_job(environ, run=run)
+        except Ignore:
+            log.info("Job %r was cancelled; its run ended.", row[1])
+        except INFRASTRUCTURE_ERRORS:
+            log.warning("Run %r of job %r stopped; it will be retried.", pk, row[1], exc_info=True)
+        except Exception:
+            # evalmgr_job ran the error handlers and finished the run; the job is over.
+            log.exception("Job %r failed in its recipe.", row[1])
+        return 1
+
+
+_dispatcher: Dispatcher | None = None
+
+
+def get_dispatcher() -> Dispatcher:
+    """The process-wide dispatcher named by ``settings.EVALMGR_DISPATCHER``."""
+    global _dispatcher
+    path = settings.EVALMGR_DISPATCHER
+    if (
+        _dispatcher is None
+        or f"{type(_dispatcher).__module__}.{type(_dispatcher).__qualname__}" != path
+    ):
+        _dispatcher = import_string(path)()
+    return _dispatcher

@@ -1,0 +1,49 @@
+"""Tables of the return path; upstream OIOIOI's ``workers`` app has none, so nothing collides."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+
+class ReceivedResult(models.Model):
+    """The inbox: one row per result applied, written in the same transaction as its effect.
+
+    A redelivered message finds its key here and is acknowledged without a second effect.
+    """
+
+    #: ``message_id`` of the AMQP message, or ``sha256:<hex>`` of its body when it has none.
+    key = models.CharField(max_length=255, unique=True)
+    message_id = models.CharField(max_length=255, blank=True, default="")
+    group_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    job_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    submission_id = models.BigIntegerField(null=True, blank=True, db_index=True)
+    saved_environ_id = models.BigIntegerField(null=True, blank=True)
+    #: ``resumed`` (the job went on) or ``ignored`` (already resumed, or cancelled).
+    outcome = models.CharField(max_length=16)
+    received_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        verbose_name = "received result"
+        ordering = ["-received_at"]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.outcome})"
+
+
+class PendingRun(models.Model):
+    """A resumed environ waiting for (or being run by) the recipe runner: the durable hand-off."""
+
+    job_id = models.CharField(max_length=255, db_index=True)
+    environ = models.TextField(help_text="JSON-encoded environ, checkpointed after each phase")
+    created_at = models.DateTimeField(default=timezone.now)
+    claimed_by = models.CharField(max_length=255, null=True, blank=True)
+    claimed_until = models.DateTimeField(null=True, blank=True, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        verbose_name = "pending run"
+        ordering = ["pk"]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} of {self.job_id}"

@@ -1,0 +1,63 @@
+"""Recipe phases for tests: a real transfer to sioworkers, and steps that leave a trace."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from oioioi.evalmgr.tasks import create_environ, transfer_job
+from tests.recipeapp.models import StepLog
+
+
+def transfer_to_workers(env: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    env["workers_jobs"] = {"job0": {"job_type": "ping", "ping": env["job_id"]}}
+    return transfer_job(
+        env, "oioioi.sioworkers.handlers.transfer_job", "oioioi.sioworkers.handlers.restore_job"
+    )
+
+
+def record(env: dict[str, Any], step: str, **kwargs: Any) -> dict[str, Any]:
+    results = env.get("workers_jobs.results")
+    StepLog.objects.create(
+        job_id=env["job_id"], step=step, detail=json.dumps(sorted(results)) if results else ""
+    )
+    return env
+
+
+def slow(env: dict[str, Any], seconds: float, **kwargs: Any) -> dict[str, Any]:
+    time.sleep(seconds)
+    return env
+
+
+def crash_if_flagged(env: dict[str, Any], flag: str, **kwargs: Any) -> dict[str, Any]:
+    """Kill the process (as a power loss would) while the file ``flag`` exists."""
+    if os.path.exists(flag):
+        os._exit(137)
+    return env
+
+
+def new_job_environ(
+    submission_id: int | None = None, after: list[Any] | None = None
+) -> dict[str, Any]:
+    """An environ that transfers to sioworkers, then records a step when its results arrive."""
+    env = create_environ()
+    if submission_id is not None:
+        env["submission_id"] = submission_id
+    env["recipe"] = [
+        ("transfer", "tests.recipeapp.recipes.transfer_to_workers"),
+        *(after or []),
+        ("record", "tests.recipeapp.recipes.record", {"step": "after-results"}),
+    ]
+    return env
+
+
+def slow_restore(saved_environ: dict[str, Any], resuming_environ: dict[str, Any]) -> dict[str, Any]:
+    """A restore function that takes a while, so that a test can signal the consumer meanwhile."""
+    import logging
+
+    logging.getLogger(__name__).warning("slow restore started")
+    time.sleep(3)
+    saved_environ.update(resuming_environ)
+    return saved_environ

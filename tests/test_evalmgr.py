@@ -1,0 +1,106 @@
+"""The evaluation manager through the real ORM: upstream's semantics and the durable hand-off."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.db import transaction
+
+from oioioi.evalmgr.dispatch import get_dispatcher
+from oioioi.evalmgr.models import QueuedJob, SavedEnviron
+from oioioi.evalmgr.tasks import delay_environ
+from oioioi.sioworkers.handlers import restore_job
+from oioioi.workers.models import PendingRun
+from tests.conftest import result_for
+from tests.recipeapp.models import StepLog
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_a_new_job_is_transferred_and_waits(waiting_job):
+    sent = waiting_job()
+    job = QueuedJob.objects.get(job_id=sent["job_id"])
+    assert job.state == "WAITING"
+    assert job.submission_id == 1234
+    assert "recipe" not in sent and sent["workers_jobs"]
+    assert not PendingRun.objects.exists()
+
+
+def test_delay_environ_outside_a_transaction_is_refused():
+    with pytest.raises(RuntimeError, match="inside a transaction"):
+        delay_environ({"job_id": "x"})
+
+
+def test_resume_runs_the_rest_of_the_recipe_once(waiting_job):
+    sent = waiting_job()
+    result = result_for(sent)
+    with transaction.atomic():
+        assert delay_environ(dict(result)) is not None
+        # The hand-off is in the same transaction as the resume.
+        assert PendingRun.objects.filter(job_id=sent["job_id"]).exists()
+    get_dispatcher().run_pending()
+    assert list(StepLog.objects.values_list("step", flat=True)) == ["after-results"]
+    assert not SavedEnviron.objects.exists()
+    assert not QueuedJob.objects.filter(job_id=sent["job_id"]).exists()
+    assert not PendingRun.objects.exists()
+
+    # A second resume with the same saved environ id is ignored, as upstream does.
+    with transaction.atomic():
+        assert delay_environ(dict(result)) is None
+    get_dispatcher().run_pending()
+    assert StepLog.objects.count() == 1
+
+
+def test_cancelled_job_is_not_resumed(waiting_job):
+    sent = waiting_job()
+    QueuedJob.objects.filter(job_id=sent["job_id"]).update(state="CANCELLED")
+    with transaction.atomic():
+        assert delay_environ(result_for(sent)) is None
+    assert not QueuedJob.objects.exists()
+    assert not PendingRun.objects.exists()
+
+
+def test_error_from_workers_runs_error_handlers(waiting_job):
+    sent = waiting_job()
+    with transaction.atomic():
+        delay_environ(_error_result(sent))
+    get_dispatcher().run_pending()
+    # remove_queuedjob_on_error forgot the job; the recipe did not go on.
+    assert not QueuedJob.objects.exists()
+    assert not StepLog.objects.exists()
+    assert not PendingRun.objects.exists()
+
+
+def _error_result(sent):
+    env = result_for(sent, "validation_error_env.json")
+    env.pop("workers_jobs.results", None)
+    return env
+
+
+def test_saved_environ_of_upstream_shape_resumes_identically():
+    # A SavedEnviron as a real OIOIOI writes it: JSON with restore_environ_func and a recipe.
+    job = QueuedJob.objects.create(job_id="urn:uuid:upstream", state="WAITING")
+    saved_env = {
+        "job_id": job.job_id,
+        "recipe": [["record", "tests.recipeapp.recipes.record", {"step": "upstream"}]],
+        "error_handlers": [],
+        "restore_environ_func": "oioioi.sioworkers.handlers.restore_job",
+        "submission_id": 7,
+    }
+    saved = SavedEnviron.objects.create(queued_job=job, environ=json.dumps(saved_env))
+    with transaction.atomic():
+        delay_environ(
+            {
+                "job_id": job.job_id,
+                "saved_environ_id": saved.id,
+                "workers_jobs.results": {"a": {"result": "OK"}},
+            }
+        )
+    get_dispatcher().run_pending()
+    assert StepLog.objects.get().step == "upstream"
+
+
+def test_restore_job_refuses_stripped_fields():
+    with pytest.raises(RuntimeError, match="stripped field recipe"):
+        restore_job({}, {"recipe": []})
