@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import socket
 import traceback
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,6 +52,7 @@ from consumer.transport import Delivery, Properties
 PREFIX = "x-oioioi-"
 RETRIES = PREFIX + "retries"
 REASON = PREFIX + "reason"
+DEAD_LETTER_ID = PREFIX + "dead-letter-id"
 
 _HOST = socket.gethostname()
 
@@ -99,6 +101,8 @@ def dead_letter_properties(
     headers = dict(delivery.properties.headers)
     headers.update(_error_headers(error, with_traceback=with_traceback))
     headers[REASON] = reason_of(error)
+    # A stable handle for operators: message ids may be missing or repeated in the dead letters.
+    headers[DEAD_LETTER_ID] = uuid.uuid4().hex
     headers[PREFIX + "delivery-count"] = delivery_count(delivery)
     headers[PREFIX + "retries"] = retries(delivery)
     headers[PREFIX + "original-queue"] = queue

@@ -91,6 +91,7 @@ def test_bad_message_is_dead_lettered_with_reason_and_consumer_goes_on(
     assert props.headers["x-oioioi-host"]
     assert props.headers["x-oioioi-failed-at"]
     assert props.headers["x-oioioi-delivery-count"] == 1
+    assert len(props.headers["x-oioioi-dead-letter-id"]) == 32
     assert props.delivery_mode == 2
     broker.wait_depth(broker.settings.queue, 0)
     # The consumer is still running and still applies good results.
