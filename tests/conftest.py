@@ -20,7 +20,7 @@ from consumer.config import Settings
 from tests.broker import BrokerUnavailable, RabbitNode, docker_reachable, wait_for_amqp
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(os.environ.get("OIOIOI_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+FIXTURES = Path(os.environ.get("OIOIOI_FIXTURES", ROOT / "tests" / "fixtures"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
