@@ -142,6 +142,9 @@ class ResultsConsumer:
             except DatabaseUnavailable as e:
                 self._await_database(transport, e)
                 continue
+            except (TransportError, _Stopping):
+                # The broker went away while the write ran; that says nothing about the message.
+                raise
             except Exception as e:
                 if len(items) > 1:
                     log.info(
