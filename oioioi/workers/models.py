@@ -47,3 +47,18 @@ class PendingRun(models.Model):
 
     def __str__(self) -> str:
         return f"run {self.pk} of {self.job_id}"
+
+
+class DeadLetterQueue(models.Model):
+    """No table: the dead-letter queue lives in the broker. This model carries the permissions
+    of the operator pages and gives the queue its place in the Django admin."""
+
+    class Meta:
+        managed = False
+        default_permissions = ()
+        permissions = [
+            ("view_deadletters", "Can see the dead-letter queue and the return path's status"),
+            ("replay_deadletters", "Can replay or discard dead-lettered messages"),
+        ]
+        verbose_name = "dead letter"
+        verbose_name_plural = "dead letters"
