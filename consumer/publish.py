@@ -2,6 +2,17 @@
 
 The body is the environ as UTF-8 JSON, persistent, mandatory, with publisher confirms; its
 ``message_id`` is the environ's ``group_id`` when it has one (the consumer's idempotency key).
+A publish returns only once the broker has confirmed the message, so a caller that gets no
+exception may forget the result: it is on a durable queue.
+
+::
+
+    from consumer.config import Settings
+    from consumer.publish import Publisher, publish
+
+    publish(env, Settings(amqp_url="amqp://user:pass@broker/%2F"))   # one-off: connect, publish, close
+    with Publisher(settings) as publisher:                            # many: one connection, reused
+        publisher.publish(env)
 """
 
 from __future__ import annotations
@@ -9,17 +20,25 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from consumer.config import Settings
-from consumer.errors import ConnectionClosed, PublishError, TransportError
+from consumer.decode import parse_environ
+from consumer.errors import ConsumerError, PublishError, TransportError
 from consumer.retry import Backoff
 from consumer.transport import Properties, Transport
 
 log = logging.getLogger(__name__)
 
+Environ = dict[str, Any] | bytes | str
 
-def encode(env: dict[str, Any] | bytes | str) -> bytes:
+#: ``app_id`` of messages published through this module, unless the caller names another.
+APP_ID = "oioioi-results"
+
+
+def encode(env: Environ) -> bytes:
+    """The message body: bytes as given, text as UTF-8, a dict as compact UTF-8 JSON."""
     if isinstance(env, bytes):
         return env
     if isinstance(env, str):
@@ -27,24 +46,55 @@ def encode(env: dict[str, Any] | bytes | str) -> bytes:
     return json.dumps(env, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def message_properties(env: dict[str, Any] | None, message_id: str | None = None) -> Properties:
-    if message_id is None and env is not None and isinstance(env.get("group_id"), str):
-        message_id = env["group_id"]
+def group_id_of(env: Environ) -> str | None:
+    """The environ's ``group_id``, parsing a bytes or text body; None when there is none."""
+    if not isinstance(env, dict):
+        try:
+            env = parse_environ(env)
+        except ConsumerError:
+            # Not a JSON object: it is published all the same (the consumer dead-letters it,
+            # where an operator sees it) and identified by the hash of its body.
+            return None
+    value = env.get("group_id")
+    return value if isinstance(value, str) and value else None
+
+
+def message_properties(
+    env: Environ, message_id: str | None = None, app_id: str = APP_ID
+) -> Properties:
     return Properties(
-        message_id=message_id,
+        message_id=message_id if message_id is not None else group_id_of(env),
         timestamp=int(time.time()),
         content_type="application/json",
-        app_id="oioioi-results",
+        app_id=app_id,
     )
 
 
 class Publisher:
-    """A reusable confirmed publisher; reconnects on the next publish after a connection loss."""
+    """A confirmed publisher on one reused connection, reconnecting after a loss.
 
-    def __init__(self, settings: Settings, *, attempts: int = 5, backoff_max: float = 5.0) -> None:
+    Not thread-safe (neither is a pika connection): give each thread a publisher of its own.
+    Each connection declares the topology, so the first publisher to connect creates it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        attempts: int = 5,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 5.0,
+        app_id: str = APP_ID,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
         self.settings = settings
         self.attempts = attempts
+        self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.app_id = app_id
+        self._sleep = sleep
         self._transport: Transport | None = None
 
     def __enter__(self) -> Publisher:
@@ -53,47 +103,79 @@ class Publisher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None and self._transport.is_open
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
 
-    def publish_once(self, body: bytes, properties: Properties) -> None:
-        """One attempt; raises :class:`PublishError` or :class:`TransportError`."""
-        if self._transport is None or not self._transport.is_open:
+    def connect(self) -> None:
+        """Open the connection (and declare the topology) now, if it is not open."""
+        if not self.connected:
             self.close()
             self._transport = Transport(self.settings, consume=False)
+
+    def service(self) -> None:
+        """Answer heartbeats on an idle connection; drop it if it turns out to be gone.
+
+        A blocking connection only talks to the broker when called, so one that sits idle for
+        two heartbeat intervals is closed by the broker. Calling this more often keeps it alive.
+        """
+        if self._transport is None:
+            return
+        try:
+            self._transport.sleep(0)
+        except TransportError as e:
+            log.info("Idle broker connection lost (%s); will reconnect when needed.", e)
+            self.close()
+
+    def publish_once(self, body: bytes, properties: Properties) -> None:
+        """One attempt; raises :class:`PublishError` or :class:`TransportError`."""
+        self.connect()
+        assert self._transport is not None
         try:
             self._transport.publish(
                 self.settings.exchange, self.settings.routing_key, body, properties
             )
-        except TransportError:
+        except (PublishError, TransportError):
+            # A fresh connection declares the topology again, which is also what repairs an
+            # unroutable publish (a binding or queue deleted under us).
             self.close()
             raise
 
-    def publish(self, env: dict[str, Any] | bytes | str, *, message_id: str | None = None) -> None:
-        """Publish with confirms, retrying a bounded number of times; raises on final failure."""
+    def publish(self, env: Environ, *, message_id: str | None = None) -> str | None:
+        """Publish with confirms, retrying a bounded number of times; returns the message id.
+
+        Raises :class:`PublishError` (nacked or unroutable) or :class:`TransportError` (no broker)
+        once ``attempts`` are spent. A retry after a lost confirm may publish a second copy; the
+        consumer recognises it by its message id.
+        """
         body = encode(env)
-        parsed = env if isinstance(env, dict) else None
-        properties = message_properties(parsed, message_id)
-        backoff = Backoff(0.2, self.backoff_max)
+        properties = message_properties(env, message_id, self.app_id)
+        backoff = Backoff(self.backoff_initial, self.backoff_max)
         for attempt in range(1, self.attempts + 1):
             try:
                 self.publish_once(body, properties)
-                return
-            except (PublishError, ConnectionClosed) as e:
+                return properties.message_id
+            except (PublishError, TransportError) as e:
                 if attempt == self.attempts:
+                    log.warning("Publish failed after %d attempt(s): %s", attempt, e)
                     raise
                 delay = backoff.next()
-                log.warning(
-                    "Publish attempt %d failed (%s); retrying in %.1f s.", attempt, e, delay
-                )
-                time.sleep(delay)
+                log.info("Publish attempt %d failed (%s); retrying in %.2f s.", attempt, e, delay)
+                self._sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
-def publish(
-    env: dict[str, Any] | bytes | str, settings: Settings | None = None, **kwargs: Any
-) -> None:
-    """Publish one environ on a short-lived connection (declaring the topology if needed)."""
-    with Publisher(settings or Settings()) as publisher:
-        publisher.publish(env, **kwargs)
+def publish(env: Environ, settings: Settings | None = None, **kwargs: Any) -> str | None:
+    """Publish one environ on a short-lived connection (declaring the topology if needed).
+
+    Keyword arguments go to :class:`Publisher` (``attempts``, ``backoff_max``...), except
+    ``message_id``, which overrides the ``group_id`` as the message's id.
+    """
+    message_id = kwargs.pop("message_id", None)
+    with Publisher(settings or Settings(), **kwargs) as publisher:
+        return publisher.publish(env, message_id=message_id)

@@ -326,3 +326,43 @@ def result_for(sent: dict[str, Any], fixture: str = "sioworkersd_ping_env.json")
     env["saved_environ_id"] = sent["saved_environ_id"]
     env["group_id"] = f"GROUP_{uuid.uuid4().urn}"
     return env
+
+
+# --- the legacy HTTP shim ------------------------------------------------------------------------
+
+
+class ShimProcess(ConsumerProcess):
+    """``manage.py start_receive_from_workers --http-shim`` on a free loopback port."""
+
+    def __init__(self, settings: Settings, log_path: Path, args: list[str], **env: str) -> None:
+        from tests.broker import free_port
+
+        self.port = free_port()
+        super().__init__(
+            settings,
+            log_path,
+            ["--http-shim", "--addr", "127.0.0.1", "--port", str(self.port), *args],
+            **env,
+        )
+
+
+@pytest.fixture
+def start_shim(tmp_path: Path, queue_settings: Settings) -> Iterator[Callable[..., ShimProcess]]:
+    """Start shims; by default with a database URL nothing answers, to show it needs none."""
+    started: list[ShimProcess] = []
+
+    def start(
+        *args: str, settings: Settings | None = None, ready: bool = True, **env: str
+    ) -> ShimProcess:
+        env.setdefault("DATABASE_URL", "postgres://nobody:none@127.0.0.1:9/nowhere")
+        proc = ShimProcess(
+            settings or queue_settings, tmp_path / f"shim-{len(started)}.log", list(args), **env
+        )
+        started.append(proc)
+        if ready:
+            proc.wait_for_log("HTTP shim listening")
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()

@@ -8,11 +8,14 @@ import signal
 from types import FrameType
 from typing import Any
 
+from django.conf import settings as django_settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, OperationalError, connections
 from django.db.migrations.executor import MigrationExecutor
 
+from consumer import shim
 from consumer.consumer import ResultsConsumer
+from consumer.shim import ShimConfig
 from oioioi.workers import receive
 from oioioi.workers.conf import consumer_settings
 
@@ -33,8 +36,23 @@ class Command(BaseCommand):
         parser.add_argument(
             "--prefetch", type=int, help="Unacknowledged deliveries the broker may push ahead."
         )
+        parser.add_argument(
+            "--http-shim",
+            action="store_true",
+            help="Instead of consuming, run the legacy HTTP shim: accept sioworkersd's result POSTs "
+            "and forward them into the queue (needs no database).",
+        )
+        parser.add_argument(
+            "--addr", help="Shim: address to listen on (default: SIOWORKERS_LISTEN_ADDR)."
+        )
+        parser.add_argument(
+            "--port", type=int, help="Shim: port to listen on (default: SIOWORKERS_LISTEN_PORT)."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options.get("http_shim"):
+            self._run_shim(options)
+            return
         settings = consumer_settings(
             batch_size=options.get("batch_size"), prefetch=options.get("prefetch")
         )
@@ -42,6 +60,35 @@ class Command(BaseCommand):
         consumer = ResultsConsumer(settings, receive.store())
         self._install_signal_handlers(consumer)
         consumer.run()
+
+    def _run_shim(self, options: dict[str, Any]) -> None:
+        # No migration check: the shim never touches the database, and must not need it.
+        s = django_settings
+        config = ShimConfig(
+            max_body_bytes=s.SHIM_MAX_BODY_BYTES,
+            threads=s.SHIM_THREADS,
+            read_timeout=s.SHIM_READ_TIMEOUT,
+            auth_token=s.SHIM_AUTH_TOKEN,
+        )
+        addr = options.get("addr") or s.SIOWORKERS_LISTEN_ADDR
+        port = options.get("port")
+        port = s.SIOWORKERS_LISTEN_PORT if port is None else port
+        servers: list[shim.Server] = []
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
+            if not servers or servers[0].stopping:
+                log.warning("Second %s: exiting at once.", name)
+                os._exit(128 + signum)
+            log.info("%s received: finishing requests in progress, then stopping.", name)
+            servers[0].stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            shim.serve(consumer_settings(), config, addr, port, on_ready=servers.append)
+        except OSError as e:
+            raise CommandError(f"Cannot listen on {addr}:{port}: {e}") from e
 
     def _check_migrations(self) -> None:
         try:
