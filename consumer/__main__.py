@@ -81,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
         "%(default)s); must match the existing queues",
     )
     pub.add_argument(
+        "--retry-delay-ms",
+        type=int,
+        default=_env("RESULTS_RETRY_DELAY_MS", str(_DEFAULTS.retry_delay_ms)),
+        help="TTL of the retry queue if it must be declared (default: $RESULTS_RETRY_DELAY_MS "
+        "or %(default)s); must match the existing queue",
+    )
+    pub.add_argument(
+        "--delivery-limit",
+        type=int,
+        default=_env("RESULTS_DELIVERY_LIMIT", str(_DEFAULTS.delivery_limit)),
+        help="delivery limit of the results queue if it must be declared (default: "
+        "$RESULTS_DELIVERY_LIMIT or %(default)s); must match the existing queue",
+    )
+    pub.add_argument(
         "--message-id", help="message id (default: the environ's group_id, if it has one)"
     )
     pub.add_argument(
@@ -128,6 +142,8 @@ def publish_command(args: argparse.Namespace) -> int:
             dead_letter_queue=args.dead_letter_queue,
             retry_queue=args.retry_queue,
             queue_type=args.queue_type,
+            retry_delay_ms=args.retry_delay_ms,
+            delivery_limit=args.delivery_limit,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
