@@ -64,12 +64,15 @@ class Command(BaseCommand):
     def _run_shim(self, options: dict[str, Any]) -> None:
         # No migration check: the shim never touches the database, and must not need it.
         s = django_settings
-        config = ShimConfig(
-            max_body_bytes=s.SHIM_MAX_BODY_BYTES,
-            threads=s.SHIM_THREADS,
-            read_timeout=s.SHIM_READ_TIMEOUT,
-            auth_token=s.SHIM_AUTH_TOKEN,
-        )
+        try:
+            config = ShimConfig(
+                max_body_bytes=s.SHIM_MAX_BODY_BYTES,
+                threads=s.SHIM_THREADS,
+                read_timeout=s.SHIM_READ_TIMEOUT,
+                auth_token=s.SHIM_AUTH_TOKEN,
+            )
+        except ValueError as e:
+            raise CommandError(f"Invalid SHIM_* setting: {e}") from e
         addr = options.get("addr") or s.SIOWORKERS_LISTEN_ADDR
         port = options.get("port")
         port = s.SIOWORKERS_LISTEN_PORT if port is None else port
