@@ -19,6 +19,9 @@ class Settings:
     dead_letter_queue: str = "oioioi.workers.results.dead"
     retry_queue: str = "oioioi.workers.results.retry"
     queue_type: QueueType = "quorum"
+    #: Declare the topology on connect; off when the broker's definitions hold it and the user
+    #: has no configure permission (a missing queue then shows as a connection error).
+    declare_topology: bool = True
     #: Broker-side limit on deliveries of one message (quorum queues only).
     delivery_limit: int = 20
     #: Retries of an unexpected write error, through the retry queue, before dead-lettering.

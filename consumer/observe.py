@@ -27,3 +27,6 @@ class Observer:
     def connected(self, up: bool) -> None: ...
 
     def database_up(self, up: bool) -> None: ...
+
+    def request(self, status: int, seconds: float) -> None:
+        """The HTTP shim answered a request with ``status`` after ``seconds``."""

@@ -124,7 +124,8 @@ class Transport:
                 self._channel: BlockingChannel = self._connection.channel()
                 self.generation = next(_generations)
                 self._channel.confirm_delivery()
-                topology.declare(self._channel, settings)
+                if settings.declare_topology:
+                    topology.declare(self._channel, settings)
                 if consume:
                     self._channel.basic_qos(prefetch_count=settings.prefetch)
                     self._channel.add_on_cancel_callback(self._on_cancel)

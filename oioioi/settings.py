@@ -13,6 +13,8 @@ from typing import Any
 
 import dj_database_url
 
+from oioioi.workers.logging import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 #: Where the SQLite default database and other local state live.
@@ -122,6 +124,9 @@ RESULTS_DEAD_LETTER_QUEUE = os.environ.get(
     "RESULTS_DEAD_LETTER_QUEUE", "oioioi.workers.results.dead"
 )
 RESULTS_RETRY_QUEUE = os.environ.get("RESULTS_RETRY_QUEUE", "oioioi.workers.results.retry")
+#: Declare the exchange and queues on connect. Turn off where the broker's definitions create
+#: them and the user may not configure (the least-privilege users of deploy/rabbitmq).
+RESULTS_DECLARE_TOPOLOGY = _env_bool("RESULTS_DECLARE_TOPOLOGY", True)
 #: ``quorum`` (replicated, with a delivery limit) or ``classic`` for brokers without quorum queues.
 RESULTS_QUEUE_TYPE = os.environ.get("RESULTS_QUEUE_TYPE", "quorum")
 #: Deliveries after which the broker dead-letters a message that keeps killing its consumer.
@@ -168,20 +173,15 @@ SHIM_AUTH_TOKEN = os.environ.get("SHIM_AUTH_TOKEN") or None
 
 # --- Observability -------------------------------------------------------------------------------
 
+#: Port of /healthz, /readyz and /metrics (consumer and shim); off when unset.
 METRICS_PORT = _env_int("METRICS_PORT", 0) or None
+#: Address the health and metrics port listens on (all interfaces, so a scraper can reach it).
+METRICS_ADDR = os.environ.get("METRICS_ADDR", "0.0.0.0")
 LOG_FORMAT = os.environ.get("LOG_FORMAT", "human")
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "human": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
-    },
-    "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "human"},
-    },
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    # pika logs every socket event at INFO; its warnings and errors are what an operator needs.
-    "loggers": {"pika": {"level": "WARNING"}},
-}
+#: ``human`` or ``json`` (one object per line); see oioioi/workers/logging.py. Both formats remove
+#: the passwords of these URLs and these secrets from every line.
+LOGGING = logging_config(
+    LOG_FORMAT, LOG_LEVEL, [AMQP_URL, DATABASE_URL, SHIM_AUTH_TOKEN, SECRET_KEY]
+)

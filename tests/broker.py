@@ -55,6 +55,8 @@ class RabbitNode:
         self.dist_port = free_port()
         self.base = Path(tempfile.mkdtemp(prefix="rabbit-node-"))
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        #: Appended to the node's rabbitmq.conf (TLS listeners, load_definitions, ...).
+        self.extra_config = ""
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -77,7 +79,7 @@ class RabbitNode:
             f"listeners.tcp.default = {self.port}\n"
             # guest may log in from loopback only, which is where the tests are.
             "loopback_users.guest = true\n"
-            "log.console = false\n"
+            "log.console = false\n" + self.extra_config
         )
         (self.base / "enabled_plugins").write_text("[].\n")
         if os.geteuid() == 0:

@@ -18,6 +18,7 @@ def consumer_settings(**overrides: Any) -> Settings:
         "queue": s.RESULTS_QUEUE,
         "dead_letter_queue": s.RESULTS_DEAD_LETTER_QUEUE,
         "retry_queue": s.RESULTS_RETRY_QUEUE,
+        "declare_topology": s.RESULTS_DECLARE_TOPOLOGY,
         "queue_type": s.RESULTS_QUEUE_TYPE,
         "delivery_limit": s.RESULTS_DELIVERY_LIMIT,
         "max_retries": s.RESULTS_MAX_RETRIES,
