@@ -16,7 +16,7 @@ from django.db.migrations.executor import MigrationExecutor
 from consumer import shim
 from consumer.consumer import ResultsConsumer
 from consumer.shim import ShimConfig
-from oioioi.workers import receive
+from oioioi.workers import observability, receive
 from oioioi.workers.conf import consumer_settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,12 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--prefetch", type=int, help="Unacknowledged deliveries the broker may push ahead."
+        )
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            help="Serve /healthz, /readyz and /metrics on this port (default: METRICS_PORT; "
+            "off when neither is set).",
         )
         parser.add_argument(
             "--http-shim",
@@ -57,9 +63,13 @@ class Command(BaseCommand):
             batch_size=options.get("batch_size"), prefetch=options.get("prefetch")
         )
         self._check_migrations()
-        consumer = ResultsConsumer(settings, receive.store())
+        metrics = observability.start(options.get("metrics_port"))
+        consumer = ResultsConsumer(settings, receive.store(), observer=metrics.observer)
         self._install_signal_handlers(consumer)
-        consumer.run()
+        try:
+            consumer.run()
+        finally:
+            metrics.close()
 
     def _run_shim(self, options: dict[str, Any]) -> None:
         # No migration check: the shim never touches the database, and must not need it.
@@ -88,10 +98,21 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        settings = consumer_settings()
+        metrics = observability.start(options.get("metrics_port"), watch_broker=settings)
         try:
-            shim.serve(consumer_settings(), config, addr, port, on_ready=servers.append)
+            shim.serve(
+                settings,
+                config,
+                addr,
+                port,
+                observer=metrics.observer,
+                on_ready=servers.append,
+            )
         except OSError as e:
             raise CommandError(f"Cannot listen on {addr}:{port}: {e}") from e
+        finally:
+            metrics.close()
 
     def _check_migrations(self) -> None:
         try:
