@@ -23,17 +23,25 @@ from consumer.config import Settings
 from consumer.decode import Result, decode
 from consumer.errors import (
     DatabaseUnavailable,
+    DeliveryLimitExceeded,
     PermanentError,
     PublishError,
     TransportError,
+    UndecodableMessage,
+    WriteKeepsFailing,
 )
 from consumer.observe import Observer
+from consumer.redact import redact_url
 from consumer.retry import Backoff, database_retrying
 from consumer.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Rounds of "the write failed with transient errors, yet the database answered the probe at
+#: once" after which the error is taken to be the message's (see consumer.policy).
+_ANSWERED_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,11 @@ class Store:
     idle: Callable[[], None]
     #: Database errors that are worth retrying (connection lost, lock timeout, busy, ...).
     transient: tuple[type[BaseException], ...]
+    #: Classic queues: add one to a message's attempt count, committed; returns the count,
+    #: this attempt included, or 0 when the message has already been applied.
+    count_attempt: Callable[[str], int] | None = None
+    #: Classic queues: drop a message's attempt count once it is settled.
+    forget_attempt: Callable[[str], None] | None = None
 
 
 class _Stopping(Exception):
@@ -86,6 +99,7 @@ class ResultsConsumer:
     def run(self) -> None:
         backoff = Backoff(0.5, self.settings.reconnect_max)
         with ThreadPoolExecutor(1, thread_name_prefix="database") as self._db:
+            self._db.submit(self._sweep_at_start).result()
             while not self.shutdown.is_set():
                 try:
                     with self._transport_factory(self.settings) as transport:
@@ -93,7 +107,11 @@ class ResultsConsumer:
                             self.observer.reconnected()
                         backoff.reset()
                         self.observer.connected(True)
-                        log.info("Consuming from %r.", self.settings.queue)
+                        log.info(
+                            "Consuming from %r on %s.",
+                            self.settings.queue,
+                            redact_url(self.settings.amqp_url),
+                        )
                         self._consume(transport)
                 except TransportError as e:
                     self.observer.connected(False)
@@ -117,54 +135,121 @@ class ResultsConsumer:
                 self._idle(transport)
 
     def _handle(self, transport: Transport, deliveries: list[Delivery]) -> None:
-        decoded: list[tuple[Delivery, Result]] = []
+        fresh: list[tuple[Delivery, Result]] = []
+        suspects: list[tuple[Delivery, Result]] = []
         for delivery in deliveries:
             try:
-                decoded.append((delivery, decode(delivery.body, delivery.message_id)))
+                result = decode(delivery.body, delivery.message_id)
             except PermanentError as e:
                 self._dead_letter(transport, delivery, e)
-        if decoded:
-            self._write(transport, decoded)
+                continue
+            except Exception as e:
+                # The decoder tripped over the body itself (JSON nested past the recursion
+                # limit): still the message's fault, and no reason to crash.
+                error = UndecodableMessage(f"body could not be decoded: {type(e).__name__}: {e}")
+                self._dead_letter(transport, delivery, error)
+                continue
+            (suspects if policy.suspect(delivery) else fresh).append((delivery, result))
+        if fresh:
+            self._write(transport, fresh)
+        for item in suspects:
+            self._write_suspect(transport, item)
         # Every delivery of the batch has a durable outcome now (committed, or its copy
         # confirmed by the broker), and tags only grow on a channel: one ack settles them all.
         transport.ack(deliveries[-1], multiple=True)
-        if decoded:
+        if fresh or suspects:
             self._on_db(transport, self._after_ack)
 
     # --- write -----------------------------------------------------------------------------
 
     def _write(self, transport: Transport, items: list[tuple[Delivery, Result]]) -> None:
         results = [result for _, result in items]
-        while True:
-            started = time.monotonic()
-            try:
-                outcomes = self._on_db(transport, lambda: self._write_with_retries(results))
-            except DatabaseUnavailable as e:
-                self._await_database(transport, e)
-                continue
-            except (TransportError, _Stopping):
-                # The broker went away while the write ran; that says nothing about the message.
-                raise
-            except Exception as e:
-                if len(items) > 1:
-                    log.info(
-                        "Batch of %d failed (%s); writing its messages one by one.", len(items), e
-                    )
-                    for item in items:
-                        self._write(transport, [item])
-                else:
-                    self._failed(transport, items[0][0], e)
+        started = time.monotonic()
+        try:
+            outcomes = self._with_database(transport, lambda: self.store.write(results))
+        except (TransportError, _Stopping):
+            # The broker went away while the write ran; that says nothing about the message.
+            raise
+        except Exception as e:
+            if len(items) > 1:
+                log.info("Batch of %d failed (%s); writing its messages one by one.", len(items), e)
+                for item in items:
+                    self._write(transport, [item])
+            else:
+                self._failed(transport, items[0][0], e)
+            return
+        self.observer.write_seconds(time.monotonic() - started, len(items))
+        self.observer.database_up(True)
+        self._log_outcomes(items, outcomes)
+
+    def _write_suspect(self, transport: Transport, item: tuple[Delivery, Result]) -> None:
+        # On its own: if this is the message that killed the previous consumer and it does so
+        # again, no other message is charged for it.
+        delivery, result = item
+        counted = self.settings.queue_type == "classic" and self.store.count_attempt is not None
+        if counted:
+            attempts = self._count_attempt(transport, result.key)
+            if attempts > self.settings.delivery_limit:
+                error = DeliveryLimitExceeded(
+                    f"redelivered {attempts} times, each time after its consumer died or lost "
+                    f"the broker with it in hand (limit {self.settings.delivery_limit})"
+                )
+                self._dead_letter(transport, delivery, error)
+                self._forget_attempt(transport, result.key)
                 return
-            self.observer.write_seconds(time.monotonic() - started, len(items))
-            self._log_outcomes(items, outcomes)
+        self._write(transport, [item])
+        if counted:
+            self._forget_attempt(transport, result.key)
+
+    def _count_attempt(self, transport: Transport, key: str) -> int:
+        count = self.store.count_attempt
+        assert count is not None
+        try:
+            return self._with_database(transport, lambda: count(key))
+        except (TransportError, _Stopping):
+            raise
+        except Exception:
+            # Without the count the message is written as if it were its first attempt: a
+            # lost count can cost another crash, never the message.
+            log.warning("Could not count the attempts of %r.", key, exc_info=True)
+            return 1
+
+    def _forget_attempt(self, transport: Transport, key: str) -> None:
+        forget = self.store.forget_attempt
+        if forget is None:
             return
 
-    def _write_with_retries(self, results: list[Result]) -> Sequence[str]:
+        def quietly() -> None:
+            try:
+                forget(key)
+            except Exception:
+                log.debug("Could not drop the attempt count of %r.", key, exc_info=True)
+
+        self._on_db(transport, quietly)
+
+    def _with_database(self, transport: Transport, func: Callable[[], T]) -> T:
+        """Run ``func`` on the database thread, retrying transient errors in-process; past that
+        budget the database is away: hold on, probe it, and run ``func`` again once it answers."""
+        answered = 0
+        while True:
+            try:
+                return self._on_db(transport, lambda: self._retrying(func))
+            except DatabaseUnavailable as e:
+                if self._await_database(transport, e):
+                    answered = 0
+                    continue
+                answered += 1
+                if answered >= _ANSWERED_ROUNDS:
+                    raise WriteKeepsFailing(
+                        f"failed {answered} times with {e} while the database answered"
+                    ) from e.__cause__
+
+    def _retrying(self, func: Callable[[], T]) -> T:
         retrying = database_retrying(
             self.settings, self.store.transient, self.shutdown, self.store.reset
         )
         try:
-            return retrying(self.store.write, results)
+            return retrying(func)
         except self.store.transient as e:
             raise DatabaseUnavailable(f"{type(e).__name__}: {e}") from e
 
@@ -197,6 +282,7 @@ class ResultsConsumer:
                 delivery.message_id,
                 policy.retries(delivery) + 1,
                 exc_info=error,
+                extra={"message_id": delivery.message_id, "outcome": "dead-lettered"},
             )
             self._dead_letter(transport, delivery, error, with_traceback=True)
         else:
@@ -207,6 +293,7 @@ class ResultsConsumer:
                 error,
                 self.settings.retry_delay_ms,
                 exc_info=error,
+                extra={"message_id": delivery.message_id, "outcome": "retried"},
             )
             self._publish_copy(
                 transport,
@@ -249,26 +336,32 @@ class ResultsConsumer:
 
     # --- the database is away ----------------------------------------------------------------
 
-    def _await_database(self, transport: Transport, error: Exception) -> None:
+    def _await_database(self, transport: Transport, error: Exception) -> int:
+        """Probe with backoff until the database answers; returns how many probes failed."""
         self.observer.database_pause()
         self.observer.database_up(False)
         log.error("Database unavailable (%s); holding the message and probing.", error)
         backoff = Backoff(self.settings.db_retry_initial, self.settings.db_probe_max)
         started = time.monotonic()
+        failed = 0
         while True:
             transport.sleep(backoff.next())
             if self.shutdown.is_set():
                 raise _Stopping()
             try:
                 self._on_db(transport, self._probe)
-            except self.store.transient as e:
+            except TransportError:
+                raise
+            except Exception as e:
+                # Whatever the probe raises, the database is not answering yet.
+                failed += 1
                 log.info(
                     "Database still unavailable after %.0f s: %s", time.monotonic() - started, e
                 )
                 continue
             log.warning("Database is back after %.1f s; resuming.", time.monotonic() - started)
             self.observer.database_up(True)
-            return
+            return failed
 
     def _probe(self) -> None:
         self.store.reset()
@@ -282,6 +375,13 @@ class ResultsConsumer:
         except Exception:
             log.exception("Running resumed jobs failed; they stay pending and are picked up later.")
 
+    def _sweep_at_start(self) -> None:
+        # A consumer killed mid-recipe left its runs behind: look for them before anything else.
+        try:
+            self.store.idle()
+        except Exception:
+            log.warning("Sweeping abandoned runs at start failed.", exc_info=True)
+
     def _idle(self, transport: Transport) -> None:
         now = time.monotonic()
         if now - self._last_idle < 10 * self.settings.idle_tick:
@@ -289,10 +389,17 @@ class ResultsConsumer:
         self._last_idle = now
 
         def idle() -> None:
+            # The sweep is also how an idle consumer learns whether its database answers,
+            # which is what its readiness reports.
             try:
                 self.store.idle()
+            except self.store.transient:
+                self.observer.database_up(False)
+                log.warning("Sweeping abandoned runs failed.", exc_info=True)
+                return
             except Exception:
                 log.warning("Sweeping abandoned runs failed.", exc_info=True)
+            self.observer.database_up(True)
 
         self._on_db(transport, idle)
 

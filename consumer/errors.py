@@ -35,6 +35,12 @@ class RejectedEnviron(PermanentError):
     reason = "rejected"
 
 
+class DeliveryLimitExceeded(PermanentError):
+    """Raised when a message was in hand each time its consumer died, too often (classic queues)."""
+
+    reason = "delivery-limit"
+
+
 # --- Infrastructure: not the message's fault; nothing is dead-lettered for these. --------------
 
 
@@ -60,3 +66,7 @@ class PublishError(ConsumerError):
 
 class DatabaseUnavailable(ConsumerError):
     """Raised when a write kept failing with transient database errors past its retry budget."""
+
+
+class WriteKeepsFailing(ConsumerError):
+    """Raised when a write keeps failing with transient errors although the database answers."""

@@ -23,12 +23,24 @@ Every delivery ends in exactly one of these, and is acknowledged only after that
     budget is spent the database is *away*, which is not the message's fault: the consumer keeps the
     message unacked, takes nothing new, probes the database with backoff and writes the same
     message again once it answers. No retry budget is spent and nothing is dead-lettered.
+    (If the database answers its probe at once and yet the same write fails that way three
+    rounds running, the error is the message's after all, e.g. a statement timeout it causes:
+    it is ``retried later``.)
     On broker connection loss, a channel closure or a broker cancel, unacked deliveries return to
     the queue by themselves; the consumer reconnects with backoff and never acks a tag from an
     earlier channel. A redelivery of something already committed is a ``duplicate``.
 ``broker dead-lettered``
     A message that kills its consumer process again and again (so no outcome above is reached) is
     dead-lettered by the quorum queue's delivery limit, with the broker's ``x-death`` header.
+    Classic queues have no such limit, so there the consumer keeps the count: before it writes a
+    redelivered message it adds one to the message's attempt count in a transaction of its own,
+    and past ``delivery_limit`` it dead-letters the message itself (reason ``delivery-limit``).
+
+A redelivered message (a *suspect*: it may be what killed the previous consumer) is written in a
+transaction of its own, so that a crash is charged to it alone. A fresh channel starts with a
+prefetch of one, and goes back to it whenever a redelivery arrives, until a first-time delivery
+arrives: a quorum queue counts a delivery against every message the dead consumer held, so the
+fewer innocent messages are in flight beside a suspect, the fewer are charged for its crashes.
 
 A batch is written in one transaction; if it fails for any reason other than the database being
 away, each of its messages is written again on its own, so one bad message never takes others with
@@ -67,6 +79,11 @@ def _clip(text: str) -> str:
 def retries(delivery: Delivery) -> int:
     value = delivery.properties.headers.get(RETRIES, 0)
     return value if isinstance(value, int) else 0
+
+
+def suspect(delivery: Delivery) -> bool:
+    """Delivered before: it may be the message that killed an earlier consumer."""
+    return delivery.redelivered or delivery_count(delivery) > 1
 
 
 def delivery_count(delivery: Delivery) -> int:

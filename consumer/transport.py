@@ -116,6 +116,7 @@ class Transport:
         self._consume = consume
         self._pending: collections.deque[Delivery] = collections.deque()
         self._cancelled = False
+        self._prefetch = 0
         with _wrapped():
             self._connection: BlockingConnection = pika.BlockingConnection(
                 connection_parameters(settings)
@@ -127,7 +128,10 @@ class Transport:
                 if settings.declare_topology:
                     topology.declare(self._channel, settings)
                 if consume:
-                    self._channel.basic_qos(prefetch_count=settings.prefetch)
+                    # Cautious at first: what a fresh channel receives first is what earlier
+                    # channels left unacknowledged (see consumer.policy on suspects).
+                    self._prefetch = 1
+                    self._channel.basic_qos(prefetch_count=1)
                     self._channel.add_on_cancel_callback(self._on_cancel)
                     self._channel.basic_consume(settings.queue, self._on_message, auto_ack=False)
             except BaseException:
@@ -169,7 +173,18 @@ class Transport:
         batch: list[Delivery] = []
         while self._pending and len(batch) < max_count:
             batch.append(self._pending.popleft())
+        if batch:
+            # A quorum queue charges a delivery to every message a dead consumer held: hold one
+            # at a time while redeliveries arrive, many once first-time deliveries do.
+            suspects = any(d.redelivered for d in batch)
+            self._set_prefetch(1 if suspects else self.settings.prefetch)
         return batch
+
+    def _set_prefetch(self, count: int) -> None:
+        if count != self._prefetch:
+            with _wrapped():
+                self._channel.basic_qos(prefetch_count=count)
+            self._prefetch = count
 
     # --- settling --------------------------------------------------------------------------
 

@@ -161,6 +161,9 @@ SIOWORKERS_BACKEND = os.environ.get("SIOWORKERS_BACKEND", "oioioi.sioworkers.bac
 FILETRACKER_URL = os.environ.get("FILETRACKER_URL") or None
 #: Jobs WAITING or QUEUED longer than this are flagged for an operator.
 EVALMGR_STALE_JOB_SECONDS = _env_int("EVALMGR_STALE_JOB_SECONDS", 3600)
+#: How long a recipe runner's claim on a pending run holds; a runner killed mid-recipe leaves
+#: its run to others once this has passed. Must exceed the longest recipe phase.
+EVALMGR_RUN_LEASE_SECONDS = _env_int("EVALMGR_RUN_LEASE_SECONDS", 300)
 
 # --- Legacy HTTP shim ----------------------------------------------------------------------------
 

@@ -3,13 +3,15 @@
 ``delay_environ`` calls :meth:`Dispatcher.dispatch` inside the resume's transaction. The local
 dispatcher writes a :class:`~oioioi.workers.models.PendingRun` row there, so the hand-off commits or
 rolls back with the resume itself: a process that dies right after the commit leaves the row
-behind, and whoever calls :meth:`run_pending` next (the restarted consumer, another consumer, or
-``manage.py run_pending_jobs``) claims it once its lease has expired and runs it.
+behind, and whoever calls :meth:`run_pending` next (a consumer sweeps when it starts, after each
+ack and when idle) claims it once its lease has expired and runs it; a row nobody has claimed yet
+is taken at once.
 
-A run is claimed with a lease (``claimed_by`` / ``claimed_until``). Each recipe phase commits with a
-checkpoint of the environ that also checks and extends the lease, so a phase whose runner lost the
-lease rolls back instead of committing twice, and a crash between phases resumes after the last
-committed one.
+A run is claimed with a lease (``claimed_by`` / ``claimed_until``, ``EVALMGR_RUN_LEASE_SECONDS``).
+Each recipe phase commits with a checkpoint of the environ that also checks and extends the lease,
+so a phase whose runner lost the lease rolls back instead of committing twice, and a crash between
+phases resumes after the last committed one. A run stopped by a database error keeps its claim and
+is run again by the same process at its next :meth:`run_pending`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from oioioi.evalmgr.tasks import INFRASTRUCTURE_ERRORS, Ignore, LeaseLost, evalm
 
 log = logging.getLogger(__name__)
 
-#: How long a claim holds before another runner may take the run over; must exceed one phase.
+#: How long a claim holds before another runner may take the run over, unless
+#: ``settings.EVALMGR_RUN_LEASE_SECONDS`` says otherwise; must exceed one phase.
 LEASE = timedelta(seconds=300)
 #: Claims after which a run is left alone for an operator (it keeps killing its runner).
 MAX_ATTEMPTS = 5
@@ -49,6 +52,11 @@ class Dispatcher:
         return 0
 
 
+def lease() -> timedelta:
+    seconds = getattr(settings, "EVALMGR_RUN_LEASE_SECONDS", None)
+    return LEASE if seconds is None else timedelta(seconds=seconds)
+
+
 class _ClaimedRun:
     def __init__(self, pk: int, token: str) -> None:
         self.pk = pk
@@ -61,7 +69,7 @@ class _ClaimedRun:
 
     def checkpoint(self, environ: dict[str, Any]) -> None:
         updated = self._mine().update(
-            environ=json.dumps(environ), claimed_until=timezone.now() + LEASE
+            environ=json.dumps(environ), claimed_until=timezone.now() + lease()
         )
         if not updated:
             raise LeaseLost(f"run {self.pk} was taken over by another runner")
@@ -77,6 +85,10 @@ class LocalDispatcher(Dispatcher):
 
     def __init__(self) -> None:
         self._ready: list[int] = []
+        #: Runs this process still holds the claim of, stopped by the database going away: run
+        #: again by this process at once, rather than by anyone after the lease has expired.
+        #: Maps to the claim's token and how often the run stopped that way in a row.
+        self._held: dict[int, tuple[str, int]] = {}
         self._token_prefix = f"{socket.gethostname()}:{os.getpid()}"
 
     def dispatch(self, environ: dict[str, Any], **extra: Any) -> str:
@@ -90,14 +102,21 @@ class LocalDispatcher(Dispatcher):
         from oioioi.workers.models import PendingRun
 
         ran = 0
-        ready, self._ready = self._ready, []
-        for pk in ready:
+        # Each is taken off its list only as it is tried: when the database goes away midway,
+        # the rest stay for the next call.
+        tried: list[int] = []
+        for pk in list(self._held):
+            tried.append(pk)
+            ran += self._run(pk, *self._held.pop(pk))
+        for pk in list(self._ready):
+            self._ready.remove(pk)
+            tried.append(pk)
             ran += self._run(pk)
         if limit is None or ran < limit:
             abandoned = (
                 PendingRun.objects.filter(attempts__lt=MAX_ATTEMPTS)
                 .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=timezone.now()))
-                .exclude(pk__in=ready)
+                .exclude(pk__in=[*tried, *self._held])
                 .order_by("pk")
                 .values_list("pk", flat=True)
             )
@@ -105,26 +124,47 @@ class LocalDispatcher(Dispatcher):
                 ran += self._run(pk)
         return ran
 
-    def _claim(self, pk: int) -> _ClaimedRun | None:
+    def _claim(self, pk: int, held: str | None = None) -> _ClaimedRun | None:
         from oioioi.workers.models import PendingRun
 
-        token = f"{self._token_prefix}:{uuid.uuid4().hex[:12]}"
         now = timezone.now()
         with transaction.atomic():
-            claimed = (
-                PendingRun.objects.filter(pk=pk, attempts__lt=MAX_ATTEMPTS)
-                .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now))
-                .update(claimed_by=token, claimed_until=now + LEASE, attempts=F("attempts") + 1)
-            )
+            if held is not None:
+                # Renewing our own claim is not a new attempt: nothing killed its runner.
+                token = held
+                claimed = PendingRun.objects.filter(pk=pk, claimed_by=token).update(
+                    claimed_until=now + lease()
+                )
+            else:
+                token = f"{self._token_prefix}:{uuid.uuid4().hex[:12]}"
+                claimed = (
+                    PendingRun.objects.filter(pk=pk, attempts__lt=MAX_ATTEMPTS)
+                    .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now))
+                    .update(
+                        claimed_by=token, claimed_until=now + lease(), attempts=F("attempts") + 1
+                    )
+                )
         return _ClaimedRun(pk, token) if claimed else None
 
-    def _run(self, pk: int) -> int:
+    def _hold(self, pk: int, token: str | None, stops: int) -> None:
+        # A recipe that keeps stopping with database errors is left to its lease, which counts
+        # its attempts.
+        if token is not None and stops < MAX_ATTEMPTS:
+            self._held[pk] = (token, stops)
+
+    def _run(self, pk: int, held: str | None = None, stops: int = 0) -> int:
         from oioioi.workers.models import PendingRun
 
-        run = self._claim(pk)
-        if run is None:
-            return 0
-        row = PendingRun.objects.filter(pk=pk).values_list("environ", "job_id").first()
+        token = held
+        try:
+            run = self._claim(pk, held)
+            if run is None:
+                return 0
+            token = run.token
+            row = PendingRun.objects.filter(pk=pk).values_list("environ", "job_id").first()
+        except INFRASTRUCTURE_ERRORS:
+            self._hold(pk, token, stops)
+            raise
         if row is None:
             return 0
         environ = json.loads(row[0])
@@ -132,7 +172,10 @@ class LocalDispatcher(Dispatcher):
             evalmgr_job(environ, run=run)
         except Ignore:
             log.info("Job %r was cancelled; its run ended.", row[1])
+        except LeaseLost:
+            log.warning("Run %r of job %r was taken over by another runner.", pk, row[1])
         except INFRASTRUCTURE_ERRORS:
+            self._hold(pk, run.token, stops + 1)
             log.warning("Run %r of job %r stopped; it will be retried.", pk, row[1], exc_info=True)
         except Exception:
             # evalmgr_job ran the error handlers and finished the run; the job is over.

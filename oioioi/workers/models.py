@@ -49,6 +49,25 @@ class PendingRun(models.Model):
         return f"run {self.pk} of {self.job_id}"
 
 
+class DeliveryAttempt(models.Model):
+    """How often a redelivered message was in hand when its consumer died (classic queues).
+
+    Written in a transaction of its own before the message's write, so a crash mid-write cannot
+    roll it back; a quorum queue keeps this count itself (``x-delivery-count``).
+    """
+
+    #: The message's inbox key (``ReceivedResult.key``).
+    key = models.CharField(max_length=255, unique=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_attempt_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        verbose_name = "delivery attempt"
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.attempts} attempts)"
+
+
 class DeadLetterQueue(models.Model):
     """No table: the dead-letter queue lives in the broker. This model carries the permissions
     of the operator pages and gives the queue its place in the Django admin."""

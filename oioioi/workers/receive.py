@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from django.db import (
@@ -17,13 +18,15 @@ from django.db import (
     connection,
     transaction,
 )
+from django.db.models import F
+from django.utils import timezone
 
 from consumer.consumer import Store
 from consumer.decode import Result
 from consumer.errors import RejectedEnviron
 from oioioi.evalmgr.dispatch import get_dispatcher
 from oioioi.evalmgr.tasks import delay_environ
-from oioioi.workers.models import ReceivedResult
+from oioioi.workers.models import DeliveryAttempt, ReceivedResult
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +64,7 @@ def _apply(result: Result) -> str:
         # same message blocks on the unique key until the first commits, then fails here before
         # it has done anything.
         with transaction.atomic():
-            ReceivedResult.objects.create(
-                key=result.key,
-                message_id=result.message_id or "",
-                group_id=str(env.get("group_id") or "")[:255],
-                job_id=env["job_id"][:255],
-                submission_id=_int_or_none(env.get("submission_id")),
-                saved_environ_id=_int_or_none(env.get("saved_environ_id")),
-                outcome="resumed",
-            )
+            ReceivedResult.objects.create(**_inbox_values(result, timezone.now()))
     except IntegrityError:
         return "duplicate"
     if delay_environ(dict(env)) is None:
@@ -77,9 +72,88 @@ def _apply(result: Result) -> str:
     return "committed"
 
 
+def _inbox_values(result: Result, now: datetime) -> dict[str, Any]:
+    env = result.env
+    return {
+        "key": result.key,
+        "message_id": result.message_id or "",
+        "group_id": str(env.get("group_id") or "")[:255],
+        "job_id": env["job_id"][:255],
+        "submission_id": _int_or_none(env.get("submission_id")),
+        "saved_environ_id": _int_or_none(env.get("saved_environ_id")),
+        "outcome": "resumed",
+        "received_at": now,
+    }
+
+
+def _bulk_inbox() -> bool:
+    """Whether the database has ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` (PostgreSQL,
+    SQLite 3.35+); others write the inbox row by row."""
+    features = connection.features
+    return bool(
+        features.can_return_rows_from_bulk_insert and features.supports_update_conflicts_with_target
+    )
+
+
+def _insert_inbox(results: Sequence[Result]) -> set[str]:
+    """Insert the batch's inbox rows, one statement per chunk; returns the keys that were new.
+
+    ``ON CONFLICT DO NOTHING`` skips a key that is already there. On PostgreSQL a key that another
+    transaction has inserted and not yet committed makes the statement wait for it, then skip the
+    key (or take it, if that transaction rolled back): the guarantee the row-by-row savepoints
+    gave, in one round trip. Rows go in key order, so two consumers holding overlapping batches
+    take the keys' locks in the same order and cannot deadlock on them.
+    """
+    now = timezone.now()
+    rows = sorted(
+        {r.key: _inbox_values(r, now) for r in reversed(results)}.values(), key=lambda v: v["key"]
+    )
+    meta = ReceivedResult._meta
+    by_name = {f.name: f for f in meta.concrete_fields}
+    fields = [by_name[name] for name in rows[0]]
+    quote = connection.ops.quote_name
+    key_column = quote(str(by_name["key"].column))
+    columns = ", ".join(quote(str(f.column)) for f in fields)
+    head = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES "
+    tail = f" ON CONFLICT ({key_column}) DO NOTHING RETURNING {key_column}"
+    one_row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    chunk = max(1, connection.ops.bulk_batch_size(fields, rows))
+    fresh: set[str] = set()
+    with connection.cursor() as cursor:
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            params = [f.get_db_prep_save(row[f.name], connection) for row in part for f in fields]
+            cursor.execute(head + ", ".join([one_row] * len(part)) + tail, params)
+            fresh.update(key for (key,) in cursor.fetchall())
+    return fresh
+
+
 def write(results: Sequence[Result]) -> list[str]:
     """Apply results in one durable transaction; committed when this returns."""
     close_old_connections()
+    if not _bulk_inbox():
+        return _write_row_by_row(results)
+    # Refused before anything is written: the batch then falls back to one message at a time,
+    # and this one is dead-lettered on its own.
+    for result in results:
+        check_environ(result.env)
+    outcomes = ["duplicate"] * len(results)
+    ignored: list[str] = []
+    with transaction.atomic(durable=True):
+        fresh = _insert_inbox(results)
+        for i, result in enumerate(results):
+            if result.key not in fresh:
+                continue
+            fresh.discard(result.key)  # a second copy within the batch is a duplicate
+            if delay_environ(dict(result.env)) is None:
+                ignored.append(result.key)
+            outcomes[i] = "committed"
+        if ignored:
+            ReceivedResult.objects.filter(key__in=ignored).update(outcome="ignored")
+    return outcomes
+
+
+def _write_row_by_row(results: Sequence[Result]) -> list[str]:
     known = set(
         ReceivedResult.objects.filter(key__in=[r.key for r in results]).values_list(
             "key", flat=True
@@ -91,6 +165,24 @@ def write(results: Sequence[Result]) -> list[str]:
             outcomes.append("duplicate" if result.key in known else _apply(result))
             known.add(result.key)
     return outcomes
+
+
+def count_attempt(key: str) -> int:
+    """Count one more attempt at writing ``key``, committed on its own; 0 if already applied."""
+    close_old_connections()
+    with transaction.atomic(durable=True):
+        if ReceivedResult.objects.filter(key=key).exists():
+            return 0
+        counted = DeliveryAttempt.objects.filter(key=key).update(
+            attempts=F("attempts") + 1, last_attempt_at=timezone.now()
+        )
+        if not counted:
+            DeliveryAttempt.objects.create(key=key, attempts=1)
+        return DeliveryAttempt.objects.get(key=key).attempts
+
+
+def forget_attempt(key: str) -> None:
+    DeliveryAttempt.objects.filter(key=key).delete()
 
 
 def probe() -> None:
@@ -121,4 +213,6 @@ def store() -> Store:
         after_ack=after_ack,
         idle=idle,
         transient=TRANSIENT_ERRORS,
+        count_attempt=count_attempt,
+        forget_attempt=forget_attempt,
     )

@@ -61,3 +61,23 @@ def slow_restore(saved_environ: dict[str, Any], resuming_environ: dict[str, Any]
     time.sleep(3)
     saved_environ.update(resuming_environ)
     return saved_environ
+
+
+def crash_restore(
+    saved_environ: dict[str, Any], resuming_environ: dict[str, Any]
+) -> dict[str, Any]:
+    """A restore function that kills the process mid-write while the saved ``crash_flag`` exists."""
+    flag = saved_environ.pop("crash_flag", None)
+    if flag and os.path.exists(flag):
+        os._exit(137)
+    saved_environ.update(resuming_environ)
+    return saved_environ
+
+
+def operational_error_restore(
+    saved_environ: dict[str, Any], resuming_environ: dict[str, Any]
+) -> dict[str, Any]:
+    """A restore function failing the way a statement timeout caused by the message would."""
+    from django.db import OperationalError
+
+    raise OperationalError("canceling statement due to statement timeout")
