@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from datetime import datetime
 from typing import Any
 
 import pika
@@ -20,25 +19,20 @@ from django.db import DatabaseError
 from django.db.models import Count, Max, Min
 from django.utils import timezone
 
+from consumer import deadletters
 from consumer.config import Settings
-from consumer.policy import REASON
+from consumer.errors import ConsumerError
 from consumer.redact import redact_text, redact_url
-from consumer.transport import connection_parameters
+from oioioi.evalmgr.dispatch import MAX_ATTEMPTS
 from oioioi.evalmgr.models import QueuedJob
 from oioioi.workers.conf import consumer_settings
 from oioioi.workers.models import PendingRun
-from oioioi.workers.status import broker_status
+from oioioi.workers.status import BrokerStatus, broker_status
 
 log = logging.getLogger(__name__)
 
 #: Most dead letters looked at to count reasons; beyond this the counts say "at least".
 BROWSE_LIMIT = 10_000
-
-#: Seconds to wait for the broker before reporting it unreachable.
-TIMEOUT = 3.0
-
-#: Attempts after which a pending run is left alone (see the README's "Stranded jobs").
-RUN_ATTEMPTS_LIMIT = 5
 
 
 class Command(BaseCommand):
@@ -58,12 +52,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         settings = consumer_settings()
+        broker = broker_status(settings)
         status = {
-            "broker": _broker(settings),
+            "broker": _broker(settings, broker),
             "dead_letters": (
-                {"browsed": False}
-                if options["no_browse"]
-                else _dead_letters(settings, BROWSE_LIMIT)
+                _dead_letters(settings, BROWSE_LIMIT)
+                if not options["no_browse"] and broker.reachable
+                else {"browsed": False}
             ),
             **_database(),
         }
@@ -78,8 +73,7 @@ class Command(BaseCommand):
 # --- gathering ---------------------------------------------------------------------------------
 
 
-def _broker(settings: Settings) -> dict[str, Any]:
-    found = broker_status(settings)
+def _broker(settings: Settings, found: BrokerStatus) -> dict[str, Any]:
     return {
         "url": redact_url(settings.amqp_url),
         "reachable": found.reachable,
@@ -91,65 +85,24 @@ def _broker(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _parameters(settings: Settings) -> pika.URLParameters:
-    params = connection_parameters(settings)
-    params.connection_attempts = 1
-    params.socket_timeout = TIMEOUT
-    params.stack_timeout = TIMEOUT * 2
-    params.client_properties = {"connection_name": "oioioi-results-status"}
-    return params
-
-
 def _dead_letters(settings: Settings, limit: int) -> dict[str, Any]:
-    """Reasons of the dead letters, read without acknowledging: closing the channel returns them.
+    """Dead letters by reason, read with :func:`consumer.deadletters.browse`.
 
-    Each one read counts as a delivery of the dead-letter queue (it has no delivery limit, so
-    nothing moves), and while it is read no other client can take it.
+    Browsing leaves the queue as it was: every message read is put back (a quorum queue's as a
+    confirmed copy at its tail, so that reading never counts against a delivery limit).
     """
-    reasons: Counter[str] = Counter()
-    oldest: float | None = None
     try:
-        connection = pika.BlockingConnection(_parameters(settings))
-    except (pika.exceptions.AMQPError, OSError) as e:
+        letters = deadletters.browse(settings, limit=limit)
+    except (ConsumerError, pika.exceptions.AMQPError, OSError) as e:
         return {"browsed": False, "error": redact_text(f"{type(e).__name__}: {e}")[:300]}
-    try:
-        channel = connection.channel()
-        depth = channel.queue_declare(settings.dead_letter_queue, passive=True).method.message_count
-        for _ in range(min(depth, limit)):
-            method, props, _body = channel.basic_get(settings.dead_letter_queue, auto_ack=False)
-            if method is None:
-                break
-            headers = props.headers or {}
-            reason = headers.get(REASON)
-            if isinstance(reason, bytes):
-                reason = reason.decode("utf-8", "replace")
-            if reason is None and "x-death" in headers:
-                reason = "delivery-limit"  # dead-lettered by the broker, not by a consumer
-            reasons[str(reason or "unknown")] += 1
-            if props.timestamp and (oldest is None or props.timestamp < oldest):
-                oldest = props.timestamp
-        channel.close()  # everything read goes back, in order
-    except pika.exceptions.ChannelClosedByBroker as e:
-        if e.reply_code != 404:
-            return {"browsed": False, "error": redact_text(f"{type(e).__name__}: {e}")[:300]}
-        return {"browsed": True, "count": 0, "complete": True, "by_reason": {}}
-    except (pika.exceptions.AMQPError, OSError) as e:
-        return {"browsed": False, "error": redact_text(f"{type(e).__name__}: {e}")[:300]}
-    finally:
-        try:
-            if connection.is_open:
-                connection.close()
-        except (pika.exceptions.AMQPError, OSError):
-            log.debug("Error while closing the status connection.", exc_info=True)
-    counted = sum(reasons.values())
+    reasons = Counter(letter.reason for letter in letters)
+    ages = [age for letter in letters if (age := letter.age_seconds()) is not None]
     return {
         "browsed": True,
-        "count": counted,
-        "complete": counted < limit,
+        "count": len(letters),
+        "complete": len(letters) < limit,
         "by_reason": dict(reasons.most_common()),
-        "oldest_published": (
-            datetime.fromtimestamp(oldest, timezone.get_current_timezone()) if oldest else None
-        ),
+        "oldest_age_seconds": round(max(ages)) if ages else None,
     }
 
 
@@ -163,7 +116,7 @@ def _database() -> dict[str, Any]:
         runs = PendingRun.objects.aggregate(
             count=Count("pk"), oldest=Min("created_at"), most_attempts=Max("attempts")
         )
-        stuck = PendingRun.objects.filter(attempts__gte=RUN_ATTEMPTS_LIMIT).count()
+        stuck = PendingRun.objects.filter(attempts__gte=MAX_ATTEMPTS).count()
     except DatabaseError as e:
         error = redact_text(f"{type(e).__name__}: {e}")[:300]
         return {"jobs": {"error": error}, "pending_runs": {"error": error}}
@@ -212,9 +165,9 @@ def _table(status: dict[str, Any]) -> str:
     out.append("")
     out.append("Dead letters by reason")
     if dead.get("error"):
-        out.append(f"  unreachable: {dead['error']}")
+        out.append(f"  could not be read: {dead['error']}")
     elif not dead["browsed"]:
-        out.append("  (not read: --no-browse)")
+        out.append("  (not read)")
     elif not dead["by_reason"]:
         out.append("  none")
     else:
@@ -222,8 +175,8 @@ def _table(status: dict[str, Any]) -> str:
             out.append(f"  {reason:<20}{n:>8}")
         if not dead["complete"]:
             out.append(f"  (only the first {dead['count']} were read)")
-        if dead.get("oldest_published"):
-            out.append(f"  oldest published {dead['oldest_published']:%Y-%m-%d %H:%M:%S %Z}")
+        if dead.get("oldest_age_seconds") is not None:
+            out.append(f"  oldest failed {_duration(dead['oldest_age_seconds'])} ago")
     out.append("")
     jobs = status["jobs"]
     out.append("Jobs by state")
@@ -245,7 +198,7 @@ def _table(status: dict[str, Any]) -> str:
         out.append("Pending runs")
         out.append(
             f"  {runs['count']} pending, {runs['given_up']} given up after "
-            f"{RUN_ATTEMPTS_LIMIT} attempts"
+            f"{MAX_ATTEMPTS} attempts"
             + (f", oldest since {runs['oldest']:%Y-%m-%d %H:%M:%S %Z}" if runs["oldest"] else "")
         )
     return "\n".join(out) + "\n"
