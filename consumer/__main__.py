@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         "$RESULTS_DELIVERY_LIMIT or %(default)s); must match the existing queue",
     )
     pub.add_argument(
+        "--no-declare",
+        action="store_true",
+        default=_env("RESULTS_DECLARE_TOPOLOGY", "true").strip().lower()
+        in {"0", "false", "no", "off"},
+        help="do not declare the exchange and queues (for a user without configure permission; "
+        "default: on when $RESULTS_DECLARE_TOPOLOGY is false)",
+    )
+    pub.add_argument(
         "--message-id", help="message id (default: the environ's group_id, if it has one)"
     )
     pub.add_argument(
@@ -144,6 +152,7 @@ def publish_command(args: argparse.Namespace) -> int:
             queue_type=args.queue_type,
             retry_delay_ms=args.retry_delay_ms,
             delivery_limit=args.delivery_limit,
+            declare_topology=not args.no_declare,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

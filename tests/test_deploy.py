@@ -323,7 +323,16 @@ def test_definitions_give_each_user_only_what_it_needs(defined_broker, tmp_path,
     sent = waiting_job()
     result = result_for(sent)
     publish(result, publisher)
-    publish(b"[]", publisher, message_id="bad-deploy-1")
+    # (and so may a worker with the command-line publisher, told not to declare)
+    cli = subprocess.run(
+        [sys.executable, "-m", "consumer", "publish", "-", "--force"],
+        input=b'{"not": "a result"}',
+        cwd=ROOT,
+        env=process_env(publisher, RESULTS_DECLARE_TOPOLOGY="false"),
+        capture_output=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
     # ... but not read the queue, publish elsewhere, or declare the topology.
     conn = pika.BlockingConnection(pika.URLParameters(publisher.amqp_url))
     try:
