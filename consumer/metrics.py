@@ -21,6 +21,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from consumer.errors import PermanentError
 from consumer.observe import Observer
 from consumer.shim import ShimObserver
 
@@ -31,9 +32,23 @@ NAMESPACE = "oioioi_results"
 #: Outcomes a message can be settled with (see :mod:`consumer.policy`).
 OUTCOMES = ("committed", "duplicate", "dead-lettered", "retried")
 
-#: Dead-letter reasons the library knows (the ``reason`` of each permanent error, and ``failed``
-#: for a write that kept failing); anything else is counted as ``other``.
-REASONS = ("undecodable", "invalid", "rejected", "permanent", "failed")
+#: Reason of a message dead-lettered because its write kept failing (see consumer.policy).
+FAILED = "failed"
+
+
+def known_reasons() -> tuple[str, ...]:
+    """Dead-letter reasons the library knows: each permanent error's ``reason``, and ``failed``.
+
+    Anything else is counted as ``other``, so the label keeps a small fixed set of values.
+    """
+    found: set[str] = {FAILED}
+    pending: list[type[PermanentError]] = [PermanentError]
+    while pending:
+        cls = pending.pop()
+        found.add(cls.reason)
+        pending.extend(cls.__subclasses__())
+    return tuple(sorted(found))
+
 
 #: Seconds; writes are milliseconds on a healthy database, seconds when it struggles.
 WRITE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -150,7 +165,8 @@ class PrometheusObserver(Observer, ShimObserver):
         # Every labelled series exists from the start, so a rate() has a zero to start from.
         for outcome in (*OUTCOMES, "other"):
             self.settled_total.labels(outcome)
-        for reason in (*REASONS, "other"):
+        self.reasons = known_reasons()
+        for reason in (*self.reasons, "other"):
             self.dead_lettered_total.labels(reason)
         self._lock = threading.Lock()
         self._broker_connected = False
@@ -168,7 +184,7 @@ class PrometheusObserver(Observer, ShimObserver):
         self.settled_total.labels(_label(outcome, OUTCOMES)).inc(count)
 
     def dead_lettered(self, reason: str) -> None:
-        self.dead_lettered_total.labels(_label(reason, REASONS)).inc()
+        self.dead_lettered_total.labels(_label(reason, self.reasons)).inc()
 
     def write_seconds(self, seconds: float, batch_size: int) -> None:
         self.write_seconds_hist.observe(seconds)
