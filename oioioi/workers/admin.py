@@ -1,16 +1,211 @@
-from django.contrib import admin
+"""Operator pages of the return path: the inbox, the pending runs and the dead-letter queue.
 
-from oioioi.workers.models import PendingRun, ReceivedResult
+Everything here is read-only but the dead-letter actions: the inbox and the pending runs are the
+consumer's proof of what it has done, and deleting a row would undo a guarantee (a redelivery
+applied twice, a committed resume never run).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.db.models import Exists, OuterRef, QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.urls import URLPattern, path
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from oioioi.evalmgr.admin import job_link
+from oioioi.evalmgr.dispatch import MAX_ATTEMPTS
+from oioioi.evalmgr.models import QueuedJob
+from oioioi.workers import admin_views
+from oioioi.workers.admin_helpers import AgeFilter, ReadOnlyAdminMixin, age, badge, pre, pretty_json
+from oioioi.workers.models import DeadLetterQueue, PendingRun, ReceivedResult
+from oioioi.workers.permissions import VIEW_PERMISSION
+
+# The index shows the return path's status panel to operators.
+admin.site.index_template = "workers/admin/index.html"
+
+
+def job_or_finished(job_id: str, exists: bool) -> SafeString | str:
+    if not job_id:
+        return "—"
+    if exists:
+        return job_link(job_id)
+    return format_html('{} <span class="quiet">(finished: no queued job left)</span>', job_id)
+
+
+class ReceivedAgeFilter(AgeFilter):
+    title = "received"
+    field_name = "received_at"
 
 
 @admin.register(ReceivedResult)
-class ReceivedResultAdmin(admin.ModelAdmin):
-    list_display = ["key", "outcome", "job_id", "group_id", "submission_id", "received_at"]
-    list_filter = ["outcome"]
-    search_fields = ["key", "message_id", "group_id", "job_id"]
+class ReceivedResultAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = [
+        "message_column",
+        "outcome_column",
+        "job_column",
+        "group_id",
+        "submission_id",
+        "received_at",
+    ]
+    list_filter = ["outcome", ReceivedAgeFilter]
+    search_fields = ["key", "message_id", "group_id", "job_id", "submission_id__exact"]
+    search_help_text = (
+        "Message id, group id or job id (or part of one), or the exact submission id."
+    )
+    ordering = ["-received_at"]
+    list_per_page = 100
+    readonly_fields = (
+        "key",
+        "message_id",
+        "outcome_column",
+        "job_column",
+        "group_id",
+        "submission_id",
+        "saved_environ_id",
+        "received_at",
+    )
+    fields = readonly_fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ReceivedResult]:
+        # One query for the whole page instead of one per row.
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(job_exists=Exists(QueuedJob.objects.filter(job_id=OuterRef("job_id"))))
+        )
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # The inbox is what makes a redelivery harmless; deleting a row would let it apply twice.
+        return False
+
+    @admin.display(description="message id", ordering="key")
+    def message_column(self, result: ReceivedResult) -> str:
+        return result.message_id or result.key
+
+    @admin.display(description="outcome", ordering="outcome")
+    def outcome_column(self, result: ReceivedResult) -> SafeString:
+        kind = "ok" if result.outcome == "resumed" else "muted"
+        return badge(result.outcome, kind)
+
+    @admin.display(description="job", ordering="job_id")
+    def job_column(self, result: ReceivedResult) -> SafeString | str:
+        return job_or_finished(result.job_id, bool(getattr(result, "job_exists", False)))
+
+
+class ClaimFilter(admin.SimpleListFilter):
+    title = "claim"
+    parameter_name = "claim"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [
+            ("stuck", f"Given up ({MAX_ATTEMPTS} attempts or more)"),
+            ("unclaimed", "Not claimed"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
+        if self.value() == "stuck":
+            return queryset.filter(attempts__gte=MAX_ATTEMPTS)
+        if self.value() == "unclaimed":
+            return queryset.filter(claimed_by__isnull=True)
+        return None
+
+
+class RunAgeFilter(AgeFilter):
+    field_name = "created_at"
 
 
 @admin.register(PendingRun)
-class PendingRunAdmin(admin.ModelAdmin):
-    list_display = ["id", "job_id", "attempts", "claimed_by", "claimed_until", "created_at"]
+class PendingRunAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = [
+        "id",
+        "job_column",
+        "attempts_column",
+        "claimed_by",
+        "claimed_until",
+        "age_column",
+    ]
+    list_filter = [ClaimFilter, RunAgeFilter]
     search_fields = ["job_id"]
+    ordering = ["created_at"]
+    readonly_fields = (
+        "job_column",
+        "attempts_column",
+        "claimed_by",
+        "claimed_until",
+        "created_at",
+        "environ_pretty",
+    )
+    fields = readonly_fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[PendingRun]:
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(job_exists=Exists(QueuedJob.objects.filter(job_id=OuterRef("job_id"))))
+        )
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A pending run is a committed resume; deleting it would strand its job.
+        return False
+
+    @admin.display(description="job", ordering="job_id")
+    def job_column(self, run: PendingRun) -> SafeString | str:
+        return job_or_finished(run.job_id, bool(getattr(run, "job_exists", False)))
+
+    @admin.display(description="attempts", ordering="attempts")
+    def attempts_column(self, run: PendingRun) -> SafeString | int:
+        if run.attempts >= MAX_ATTEMPTS:
+            return badge(
+                f"{run.attempts}: given up", "danger", title="No runner will claim it again"
+            )
+        return run.attempts
+
+    @admin.display(description="age", ordering="created_at")
+    def age_column(self, run: PendingRun) -> str:
+        return age(run.created_at)
+
+    @admin.display(description="environ")
+    def environ_pretty(self, run: PendingRun) -> SafeString:
+        return pre(pretty_json(run.environ))
+
+
+@admin.register(DeadLetterQueue)
+class DeadLetterQueueAdmin(admin.ModelAdmin):
+    """The dead-letter queue, read from the broker: list, one message, replay and discard."""
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm(VIEW_PERMISSION)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_urls(self) -> list[URLPattern]:
+        # Only these pages: the model has no table, so the usual add/change/delete pages would fail.
+        name = f"{self.opts.app_label}_{self.opts.model_name}"
+        wrap = self.admin_site.admin_view
+        return [
+            path("", wrap(self.changelist_view), name=f"{name}_changelist"),
+            path("confirm/", wrap(self.confirm_view), name=f"{name}_confirm"),
+            path("<str:dead_letter_id>/", wrap(self.detail_view), name=f"{name}_detail"),
+        ]
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        return admin_views.dead_letter_list(self, request)
+
+    def detail_view(self, request: HttpRequest, dead_letter_id: str) -> HttpResponse:
+        return admin_views.dead_letter_detail(self, request, dead_letter_id)
+
+    def confirm_view(self, request: HttpRequest) -> HttpResponse:
+        return admin_views.dead_letter_action(self, request)

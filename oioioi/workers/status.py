@@ -1,0 +1,144 @@
+"""What the operator panel shows: queue depths and consumers from the broker, waiting jobs from the
+database.
+
+The broker is asked with short timeouts and every failure becomes a line of text in the status, so
+an unreachable broker costs the admin index a few seconds at most and never an error page.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pika
+import pika.exceptions
+from django.conf import settings as django_settings
+from django.utils import timezone
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
+
+from consumer.config import Settings
+from consumer.redact import redact_text
+from consumer.transport import connection_parameters
+from oioioi.evalmgr.models import QueuedJob
+
+log = logging.getLogger(__name__)
+
+#: What pika raises when it cannot talk to the broker. A handshake that times out (a broker that
+#: accepts TCP connections and says nothing) raises a connector error, which is no AMQPError.
+_BROKER_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException, OSError)
+
+#: Seconds the panel waits for the broker (TCP connect, then the AMQP handshake) before giving up.
+CONNECT_TIMEOUT = 2.0
+
+#: Job states in which a job waits for someone else; old ones need an operator.
+WAITING_STATES = ("WAITING", "QUEUED")
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    name: str
+    role: str
+    #: None when the queue does not exist (nothing has declared it yet).
+    messages: int | None
+    consumers: int | None
+
+
+@dataclass(frozen=True)
+class BrokerStatus:
+    queues: list[QueueStatus] = field(default_factory=list)
+    #: Why the broker could not be asked; empty when it answered.
+    error: str = ""
+
+    @property
+    def reachable(self) -> bool:
+        return not self.error
+
+    def queue(self, role: str) -> QueueStatus | None:
+        return next((q for q in self.queues if q.role == role), None)
+
+
+def _parameters(settings: Settings) -> pika.URLParameters:
+    params = connection_parameters(settings)
+    params.connection_attempts = 1
+    params.retry_delay = 0
+    params.socket_timeout = CONNECT_TIMEOUT
+    params.stack_timeout = CONNECT_TIMEOUT * 2
+    params.blocked_connection_timeout = CONNECT_TIMEOUT * 2
+    params.client_properties = {"connection_name": "oioioi-admin-status"}
+    return params
+
+
+def broker_status(settings: Settings) -> BrokerStatus:
+    """Depth and consumer count of the results, retry and dead-letter queues; never raises."""
+    roles = [
+        ("results", settings.queue),
+        ("retry", settings.retry_queue),
+        ("dead letters", settings.dead_letter_queue),
+    ]
+    try:
+        connection = pika.BlockingConnection(_parameters(settings))
+    except _BROKER_ERRORS as e:
+        # The URL holds credentials: say what failed, not where.
+        log.warning("Operator panel: the broker is unreachable (%s).", type(e).__name__)
+        return BrokerStatus(error=_describe(e))
+    try:
+        queues = []
+        for role, name in roles:
+            channel = connection.channel()
+            try:
+                # Passive: only asks, never creates a queue with the wrong arguments.
+                ok = channel.queue_declare(name, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                if e.reply_code != 404:
+                    raise
+                queues.append(QueueStatus(name, role, None, None))
+                continue
+            queues.append(
+                QueueStatus(name, role, ok.method.message_count, ok.method.consumer_count)
+            )
+            channel.close()
+        return BrokerStatus(queues=queues)
+    except _BROKER_ERRORS as e:
+        log.warning("Operator panel: the broker stopped answering (%s).", type(e).__name__)
+        return BrokerStatus(error=_describe(e))
+    finally:
+        try:
+            if connection.is_open:
+                connection.close()
+        except (pika.exceptions.AMQPError, OSError):
+            log.debug("Error while closing the status connection.", exc_info=True)
+
+
+def _describe(error: BaseException) -> str:
+    text = redact_text(str(error).strip()) or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:300]
+
+
+def stale_threshold() -> timedelta:
+    return timedelta(seconds=django_settings.EVALMGR_STALE_JOB_SECONDS)
+
+
+def stale_cutoff(now: datetime | None = None) -> datetime:
+    """Jobs waiting since before this instant need an operator."""
+    return (now or timezone.now()) - stale_threshold()
+
+
+@dataclass(frozen=True)
+class JobsStatus:
+    waiting: int
+    queued: int
+    stale: int
+    oldest_waiting: QueuedJob | None
+
+
+def jobs_status(now: datetime | None = None) -> JobsStatus:
+    waiting = QueuedJob.objects.filter(state="WAITING")
+    return JobsStatus(
+        waiting=waiting.count(),
+        queued=QueuedJob.objects.filter(state="QUEUED").count(),
+        stale=QueuedJob.objects.filter(
+            state__in=WAITING_STATES, creation_date__lt=stale_cutoff(now)
+        ).count(),
+        oldest_waiting=waiting.order_by("creation_date").first(),
+    )
