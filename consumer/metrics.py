@@ -59,7 +59,8 @@ AGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900
 #: Seconds per shim request: dominated by the broker's publish confirm.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-_STATUS = re.compile(r"^[1-5][0-9][0-9]$")
+# An HTTP status, or 0: the shim's "the client left before an answer".
+_STATUS = re.compile(r"^(?:[1-5][0-9][0-9]|0)$")
 
 
 def _label(value: str, allowed: tuple[str, ...]) -> str:

@@ -331,6 +331,8 @@ def test_observer_labels_stay_a_fixed_set():
     assert 'oioioi_results_dead_lettered_total{reason="other"} 100.0' in body
     assert 'oioioi_results_settled_total{outcome="other"} 100.0' in body
     assert 'oioioi_results_shim_requests_total{status="other"} 100.0' in body
+    observer.request(0, 0.01)  # the client left before an answer
+    assert 'status="0"} 1.0' in generate_latest(observer.registry).decode()
     reasons = set(re.findall(r'^oioioi_results_dead_lettered_total\{reason="([^"]+)"', body, re.M))
     assert reasons == {
         "undecodable",

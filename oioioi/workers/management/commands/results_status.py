@@ -51,6 +51,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # What fails is reported in the output; pika's own account of it (a traceback per failed
+        # connection, a warning per missing queue) would only bury that on the terminal.
+        for name in ("pika", "oioioi.workers.status"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         settings = consumer_settings()
         broker = broker_status(settings)
         status = {
