@@ -1,0 +1,373 @@
+"""Benchmark: the legacy HTTP receiver against the shim and the consumer, on PostgreSQL and SQLite.
+
+    .venv/bin/python bench/run.py            # quick: a few minutes, for a first look
+    .venv/bin/python bench/run.py --full     # what the README's figures come from (under 30 min)
+
+Everything is set up here and removed afterwards: a database of its own on the local PostgreSQL
+(``bench_<random>``, created, migrated with ``manage.py migrate``, dropped) and an SQLite file in a
+temporary folder; queues of its own on the local RabbitMQ (``bench<random>.*``, deleted). Each
+configuration runs ``--repeats`` times and the tables show medians. All traffic is on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.stats import median  # noqa: E402
+from bench.suite import Plan  # noqa: E402
+
+SECTIONS = ["legacy", "shim", "drain", "e2e", "memory"]
+SIZES = ["small", "typical", "large"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "repeats": 2,
+        "http_counts": {"small": 300, "typical": 60, "large": 8},
+        "drain_counts": {"small": 1500, "typical": 200, "large": 16},
+        "e2e_seconds": 5.0,
+        "step_seconds": 2.0,
+        "max_steps": 6,
+        "memory_count": 20_000,
+        "timeout": 900,
+    },
+    "full": {
+        "repeats": 3,
+        "http_counts": {"small": 2000, "typical": 300, "large": 30},
+        "drain_counts": {"small": 6000, "typical": 600, "large": 40},
+        "e2e_seconds": 15.0,
+        "step_seconds": 4.0,
+        "max_steps": 8,
+        "memory_count": 100_000,
+        "timeout": 1200,
+    },
+}
+
+TARGETS = {
+    "drain_vs_legacy": 4.0,
+    "shim_vs_legacy": 3.0,
+    "shim_p99_ms": 25.0,
+    "e2e_p99_ms": 50.0,
+    "rss_growth": 0.10,
+}
+
+
+# --- databases ---------------------------------------------------------------------------------
+
+
+def _pg_admin(url: str, sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url.replace("postgres://", "postgresql://", 1), autocommit=True) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
+
+
+class Database:
+    """A database of this run's own; ``url`` is what the processes get as DATABASE_URL."""
+
+    def __init__(self, kind: str, pg_url: str, tmp: Path) -> None:
+        self.kind = kind
+        self._pg_url = pg_url
+        if kind == "postgres":
+            self.name = f"bench_{uuid.uuid4().hex[:10]}"
+            base = pg_url.rsplit("/", 1)[0]
+            self.url = f"{base}/{self.name}"
+        else:
+            self.name = str(tmp / "bench.sqlite3")
+            self.url = f"sqlite:///{self.name}"
+
+    def create(self) -> None:
+        if self.kind == "postgres":
+            _pg_admin(self._pg_url, f'CREATE DATABASE "{self.name}"')
+        env = dict(os.environ, DATABASE_URL=self.url, DJANGO_SETTINGS_MODULE="bench.settings")
+        subprocess.run(
+            [sys.executable, str(ROOT / "manage.py"), "migrate", "--no-input", "-v", "0"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+        )
+
+    def drop(self) -> None:
+        if self.kind == "postgres":
+            try:
+                _pg_admin(self._pg_url, f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            except Exception as e:
+                print(f"could not drop database {self.name}: {e}", file=sys.stderr)
+
+
+def run_suite(db: Database, plan: Plan, timeout: float, tmp: Path) -> dict[str, Any]:
+    plan_path = tmp / f"plan-{db.kind}.json"
+    out_path = tmp / f"results-{db.kind}.json"
+    plan_path.write_text(json.dumps(asdict(plan)))
+    env = dict(
+        os.environ,
+        DATABASE_URL=db.url,
+        DJANGO_SETTINGS_MODULE="bench.settings",
+        PYTHONPATH=str(ROOT),
+    )
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "bench.suite", "--plan", str(plan_path), "--out", str(out_path)],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            timeout=timeout,
+        )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        return {"db": db.kind, "errors": [f"suite: {e}"]}
+    return dict(json.loads(out_path.read_text()))
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+
+def _m(runs: list[dict[str, Any]], key: str) -> float:
+    return median(r.get(key) for r in runs)
+
+
+def _fmt(value: float, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _db_label(results: dict[str, Any]) -> str:
+    return {"postgresql": "PostgreSQL", "sqlite": "SQLite"}.get(results.get("db", ""), "?")
+
+
+def best_legacy_rps(results: dict[str, Any], size: str) -> float:
+    per_clients = results.get("legacy", {}).get(size, {})
+    values = [_m(runs, "rps") for runs in per_clients.values()]
+    values = [v for v in values if not math.isnan(v)]
+    return max(values) if values else math.nan
+
+
+def tables(all_results: list[dict[str, Any]]) -> str:
+    out: list[str] = []
+    sizes = {}
+    for r in all_results:
+        sizes.update(r.get("body_bytes", {}))
+    size_label = {s: f"{s} ({b / 1024:,.0f} KB)" for s, b in sizes.items()}
+
+    out.append("HTTP ingest: sioworkersd-style clients (fresh connection per request, multipart).")
+    out.append("")
+    out.append(
+        "| receiver | database | environ | clients | req/s | p50 ms | p99 ms | max ms | over 1 s |"
+    )
+    out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for section, label in (("legacy", "legacy (upstream design)"), ("shim", "shim")):
+        for r in all_results:
+            for size, per_clients in r.get(section, {}).items():
+                for clients, runs in per_clients.items():
+                    over = sum(int(x.get("over_1s", 0)) for x in runs)
+                    total = sum(int(x.get("requests", 0)) for x in runs)
+                    errors = sum(int(x.get("errors", 0)) + int(x.get("not_ok", 0)) for x in runs)
+                    over_cell = f"{over} of {total}" + (f" ({errors} failed)" if errors else "")
+                    out.append(
+                        f"| {label} | {_db_label(r)} | {size_label.get(size, size)} | {clients} "
+                        f"| {_fmt(_m(runs, 'rps'))} | {_fmt(_m(runs, 'p50_ms'), 1)} "
+                        f"| {_fmt(_m(runs, 'p99_ms'), 1)} | {_fmt(_m(runs, 'max_ms'), 0)} "
+                        f"| {over_cell} |"
+                    )
+    out.append("")
+    out.append(
+        "Consumer drain: a pre-filled queue of results for waiting jobs, one consumer process"
+    )
+    out.append(
+        "(commits per second between the 5% and 95% marks; the recipes run in the same process)."
+    )
+    out.append("")
+    out.append("| database | environ | messages | results/s | x best legacy req/s |")
+    out.append("| --- | --- | ---: | ---: | ---: |")
+    for r in all_results:
+        for size, runs in r.get("drain", {}).items():
+            rate = _m(runs, "rate")
+            legacy = best_legacy_rps(r, size)
+            out.append(
+                f"| {_db_label(r)} | {size_label.get(size, size)} | {runs[0]['messages']} "
+                f"| {_fmt(rate)} | {_fmt(rate / legacy, 1) if legacy else '-'} |"
+            )
+    out.append("")
+    out.append("End to end (small environs): publish (with confirm) to commit, at a steady offered")
+    out.append("rate; the highest rate at which p99 stays under 250 ms over a step.")
+    out.append("")
+    out.append("| database | offered/s | p50 ms | p99 ms | max ms | max sustained/s |")
+    out.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in all_results:
+        runs = r.get("e2e", [])
+        if not runs and not r.get("max_rate"):
+            continue
+        mr = r.get("max_rate", {})
+        rate_cell = _fmt(mr.get("rate", math.nan))
+        if mr.get("publisher_bound"):
+            rate_cell = f"≥ {rate_cell} (publisher-bound)"
+        elif mr.get("never_fell_behind"):
+            rate_cell = f"≥ {rate_cell}"
+        out.append(
+            f"| {_db_label(r)} | {_fmt(_m(runs, 'offered'))} | {_fmt(_m(runs, 'p50_ms'), 1)} "
+            f"| {_fmt(_m(runs, 'p99_ms'), 1)} | {_fmt(_m(runs, 'max_ms'), 0)} | {rate_cell} |"
+        )
+    out.append("")
+    out.append("Memory: the consumer's resident set over one long drain of small environs.")
+    out.append("")
+    out.append("| database | messages | peak RSS at first 10% | peak RSS at the end | growth |")
+    out.append("| --- | ---: | ---: | ---: | ---: |")
+    for r in all_results:
+        mem = r.get("memory")
+        if not mem:
+            continue
+        out.append(
+            f"| {_db_label(r)} | {mem['messages']:,} | {mem['hwm_first_kib'] / 1024:.1f} MiB "
+            f"(at {mem['first_at']:,}) | {mem['hwm_end_kib'] / 1024:.1f} MiB "
+            f"| {100 * mem['growth']:+.1f}% |"
+        )
+    return "\n".join(out)
+
+
+def verdicts(results: dict[str, Any]) -> list[str]:
+    """The issue's targets, on one database's results (PostgreSQL, small environs)."""
+    lines = []
+    legacy = best_legacy_rps(results, "small")
+    drain = _m(results.get("drain", {}).get("small", []), "rate")
+    shim_runs = results.get("shim", {}).get("small", {}).get("8", [])
+    shim_rps, shim_p99 = _m(shim_runs, "rps"), _m(shim_runs, "p99_ms")
+    shim_over = sum(int(x.get("over_1s", 0)) for x in shim_runs)
+    e2e_p99 = _m(results.get("e2e", []), "p99_ms")
+    mem = results.get("memory") or {}
+
+    def line(ok: bool, text: str) -> None:
+        lines.append(f"- {'met' if ok else 'NOT met'}: {text}")
+
+    ratio = drain / legacy if legacy else math.nan
+    line(
+        ratio >= TARGETS["drain_vs_legacy"],
+        f"consumer drain {_fmt(drain)}/s = {_fmt(ratio, 1)}x the best legacy {_fmt(legacy)} req/s "
+        f"(target ≥ {TARGETS['drain_vs_legacy']:.0f}x)",
+    )
+    ratio = shim_rps / legacy if legacy else math.nan
+    line(
+        ratio >= TARGETS["shim_vs_legacy"]
+        and shim_p99 < TARGETS["shim_p99_ms"]
+        and shim_over == 0
+        and bool(shim_runs),
+        f"shim with 8 clients {_fmt(shim_rps)} req/s = {_fmt(ratio, 1)}x legacy (target ≥ 3x), "
+        f"p99 {_fmt(shim_p99, 1)} ms (target < 25), {shim_over} over 1 s (target 0)",
+    )
+    line(
+        e2e_p99 < TARGETS["e2e_p99_ms"],
+        f"end to end at {_fmt(_m(results.get('e2e', []), 'offered'))}/s: p99 {_fmt(e2e_p99, 1)} ms "
+        f"(target < 50)",
+    )
+    if mem:
+        line(
+            mem["growth"] <= TARGETS["rss_growth"],
+            f"consumer peak RSS {mem['hwm_first_kib'] / 1024:.1f} MiB at {mem['first_at']:,} -> "
+            f"{mem['hwm_end_kib'] / 1024:.1f} MiB at {mem['messages']:,} "
+            f"({100 * mem['growth']:+.1f}%, target within 10%)",
+        )
+    else:
+        line(False, "memory: not measured")
+    return lines
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--full", action="store_true", help="The full run (README figures).")
+    parser.add_argument(
+        "--db", default="postgres,sqlite", help="Databases, comma-separated: postgres, sqlite."
+    )
+    parser.add_argument("--only", default=",".join(SECTIONS), help="Sections, comma-separated.")
+    parser.add_argument("--sizes", default=",".join(SIZES), help="Environ sizes, comma-separated.")
+    parser.add_argument("--repeats", type=int, help="Runs of each configuration (median shown).")
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
+        help="A PostgreSQL database to connect to for creating and dropping the benchmark's own.",
+    )
+    parser.add_argument(
+        "--amqp-url",
+        default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+        help="The broker (the benchmark declares and deletes queues of its own there).",
+    )
+    parser.add_argument("--json", help="Also write all figures to this file.")
+    parser.add_argument("--keep-logs", action="store_true", help="Keep the processes' logs.")
+    args = parser.parse_args()
+
+    preset = dict(PRESETS["full" if args.full else "quick"])
+    timeout = preset.pop("timeout")
+    if args.repeats:
+        preset["repeats"] = args.repeats
+    tmp = Path(tempfile.mkdtemp(prefix="oioioi-bench-"))
+    started = time.monotonic()
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    all_results: list[dict[str, Any]] = []
+    try:
+        for kind in [d.strip() for d in args.db.split(",") if d.strip()]:
+            if kind not in ("postgres", "sqlite"):
+                parser.error(f"unknown database {kind!r}")
+            db = Database(kind, args.pg_url, tmp)
+            plan = Plan(
+                sections=[s for s in args.only.split(",") if s],
+                sizes=[s for s in args.sizes.split(",") if s],
+                clients=[1, 8],
+                e2e_rate=200.0,
+                amqp_url=args.amqp_url,
+                log_dir=str(tmp),
+                database_url=db.url,
+                **preset,
+            )
+            print(f"== {kind}: database {db.name}", file=sys.stderr, flush=True)
+            try:
+                db.create()
+                all_results.append(run_suite(db, plan, timeout, tmp))
+            finally:
+                db.drop()
+    finally:
+        if args.keep_logs:
+            print(f"logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    command = "python bench/run.py " + " ".join(sys.argv[1:])
+    print()
+    print(
+        f"Command: `{command.strip()}`; {when}; {elapsed / 60:.1f} min; "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}."
+    )
+    print()
+    print(tables(all_results))
+    for r in all_results:
+        print()
+        print(f"Targets ({_db_label(r)}, small environs, one consumer process):")
+        print("\n".join(verdicts(r)))
+        for error in r.get("errors", []):
+            print(f"- error: {error}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(all_results, indent=1))
+    return 1 if any(r.get("errors") for r in all_results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

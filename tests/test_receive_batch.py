@@ -1,0 +1,144 @@
+"""The batched write and the batched claim of runs, through the real ORM.
+
+``receive.write`` inserts a batch's inbox rows with one ``INSERT ... ON CONFLICT DO NOTHING
+RETURNING`` and ``LocalDispatcher.run_pending`` claims the runs of a batch with one statement;
+these tests pin down that the outcomes are the ones the row-by-row versions gave.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test import override_settings
+
+from consumer.decode import Result, decode
+from consumer.errors import RejectedEnviron
+from oioioi.evalmgr.dispatch import get_dispatcher
+from oioioi.evalmgr.models import QueuedJob, SavedEnviron
+from oioioi.workers import receive
+from oioioi.workers.models import PendingRun, ReceivedResult
+from tests.conftest import result_for
+from tests.recipeapp.models import StepLog
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def as_result(env: dict[str, Any], message_id: str) -> Result:
+    return decode(json.dumps(env).encode(), message_id)
+
+
+def test_a_batch_resumes_every_job_and_runs_every_recipe_once(waiting_job):
+    # Given ten waiting jobs and a result for each
+    jobs = [waiting_job(submission_id=i) for i in range(10)]
+    results = [as_result(result_for(sent), f"m{i}") for i, sent in enumerate(jobs)]
+    # When they are written as one batch and the recipes run
+    assert receive.write(results) == ["committed"] * 10
+    assert PendingRun.objects.count() == 10
+    assert get_dispatcher().run_pending() == 10
+    # Then each job ran its recipe once and is gone, and the inbox holds one row per message
+    for sent in jobs:
+        assert StepLog.objects.filter(job_id=sent["job_id"]).count() == 1
+    assert not QueuedJob.objects.exists() and not SavedEnviron.objects.exists()
+    assert not PendingRun.objects.exists()
+    rows = dict(ReceivedResult.objects.values_list("key", "outcome"))
+    assert rows == {f"m{i}": "resumed" for i in range(10)}
+    assert ReceivedResult.objects.get(key="m3").job_id == jobs[3]["job_id"]
+
+
+def test_duplicates_within_and_across_batches_have_no_second_effect(waiting_job):
+    first, second = waiting_job(submission_id=1), waiting_job(submission_id=2)
+    a, b = as_result(result_for(first), "a"), as_result(result_for(second), "b")
+    # The same message twice in one batch: the first copy counts.
+    assert receive.write([a, a, b]) == ["committed", "duplicate", "committed"]
+    # Redelivered later, in another batch.
+    assert receive.write([b, a]) == ["duplicate", "duplicate"]
+    assert ReceivedResult.objects.count() == 2
+    assert PendingRun.objects.count() == 2
+
+
+def test_a_result_for_a_job_already_resumed_is_recorded_as_ignored(waiting_job):
+    sent = waiting_job()
+    result = result_for(sent)
+    # sioworkersd sends the same group again under another message id.
+    outcomes = receive.write([as_result(result, "first"), as_result(result, "again")])
+    assert outcomes == ["committed", "committed"]
+    assert dict(ReceivedResult.objects.values_list("key", "outcome")) == {
+        "first": "resumed",
+        "again": "ignored",
+    }
+    assert PendingRun.objects.count() == 1
+
+
+def test_an_environ_the_domain_refuses_fails_the_batch_before_anything_is_written(waiting_job):
+    good = as_result(result_for(waiting_job()), "good")
+    bad = as_result({"workers_jobs.results": {}, "job_id": "j", "saved_environ_id": "7"}, "bad")
+    with pytest.raises(RejectedEnviron):
+        receive.write([good, bad])
+    assert not ReceivedResult.objects.exists()
+    assert not PendingRun.objects.exists()
+    # Written alone, the good one goes through (what the consumer's fallback does).
+    assert receive.write([good]) == ["committed"]
+
+
+def test_a_batch_claim_whose_lease_ran_low_is_renewed_before_its_run(waiting_job):
+    jobs = [waiting_job(submission_id=i) for i in range(3)]
+    receive.write([as_result(result_for(sent), f"m{i}") for i, sent in enumerate(jobs)])
+    # A lease of zero makes every batch claim stale by the time its run starts: each is renewed
+    # under the same token (no new attempt) and still runs once.
+    with override_settings(EVALMGR_RUN_LEASE_SECONDS=0):
+        assert get_dispatcher().run_pending() == 3
+    assert StepLog.objects.count() == 3
+    assert not PendingRun.objects.exists()
+
+
+def test_runs_claimed_by_someone_else_are_left_to_them(waiting_job):
+    jobs = [waiting_job(submission_id=i) for i in range(2)]
+    receive.write([as_result(result_for(sent), f"m{i}") for i, sent in enumerate(jobs)])
+    taken = PendingRun.objects.get(job_id=jobs[0]["job_id"])
+    PendingRun.objects.filter(pk=taken.pk).update(
+        claimed_by="elsewhere", claimed_until="2999-01-01T00:00:00Z"
+    )
+    assert get_dispatcher().run_pending() == 1
+    assert PendingRun.objects.get().pk == taken.pk
+    assert StepLog.objects.filter(job_id=jobs[1]["job_id"]).count() == 1
+
+
+@pytest.mark.postgres
+def test_two_writers_with_overlapping_batches_apply_each_message_once(waiting_job):
+    # Given the same 30 results in two batches, in opposite orders
+    jobs = [waiting_job(submission_id=i) for i in range(30)]
+    results = [as_result(result_for(sent), f"m{i}") for i, sent in enumerate(jobs)]
+    outcomes: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def writer(name: str, batch: list[Result]) -> None:
+        try:
+            start.wait()
+            outcomes[name] = receive.write(batch)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            connection.close()
+
+    # When two writers (two connections) write them at the same time
+    threads = [
+        threading.Thread(target=writer, args=("forward", results)),
+        threading.Thread(target=writer, args=("backward", list(reversed(results)))),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    # Then neither failed (no deadlock), and each message was applied by exactly one of them
+    assert not errors
+    forward = dict(zip([r.key for r in results], outcomes["forward"], strict=True))
+    backward = dict(zip([r.key for r in reversed(results)], outcomes["backward"], strict=True))
+    for key in forward:
+        assert sorted([forward[key], backward[key]]) == ["committed", "duplicate"]
+    assert ReceivedResult.objects.filter(outcome="resumed").count() == 30
+    assert PendingRun.objects.count() == 30
