@@ -210,7 +210,7 @@ def test_operator_replays_one_dead_letter_and_discards_another(
     follow(page, "a:has-text('Dead letters')")
     dead_letter_row(page, "failed").locator("input[name=ids]").check()
     follow(page, "#replay-selected")
-    assert "Replay these 1 message?" in page.inner_text("#confirm-question")
+    assert "Replay this message?" in page.inner_text("#confirm-question")
     assert page.locator("#confirm-list li").count() == 1
     shoot(page, "deadletter-confirm-replay")
     assert broker.depth(dlq) == 2  # nothing happens before the confirmation
@@ -529,6 +529,7 @@ def test_pages_say_clearly_when_the_broker_is_unreachable(
     assert response.status == 200
     assert time.monotonic() - started < 15
     assert "broker is unreachable" in page.inner_text("#broker-unreachable")
+    assert "no answer from the broker within 4 s" in page.inner_text("#broker-unreachable")
     assert "guest:guest" not in page.content()
     assert sent["job_id"] in page.inner_text("#status-oldest")
     shoot(page, "admin-index-broker-unreachable")

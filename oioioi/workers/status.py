@@ -15,7 +15,10 @@ import pika
 import pika.exceptions
 from django.conf import settings as django_settings
 from django.utils import timezone
-from pika.adapters.utils.connection_workflow import AMQPConnectorException
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectorException,
+    AMQPConnectorStackTimeout,
+)
 
 from consumer.config import Settings
 from consumer.redact import redact_text
@@ -58,12 +61,17 @@ class BrokerStatus:
         return next((q for q in self.queues if q.role == role), None)
 
 
+def _parameters_timeout() -> float:
+    """Longest wait for the whole connection: TCP, AMQP handshake and login."""
+    return CONNECT_TIMEOUT * 2
+
+
 def _parameters(settings: Settings) -> pika.URLParameters:
     params = connection_parameters(settings)
     params.connection_attempts = 1
     params.retry_delay = 0
     params.socket_timeout = CONNECT_TIMEOUT
-    params.stack_timeout = CONNECT_TIMEOUT * 2
+    params.stack_timeout = _parameters_timeout()
     params.blocked_connection_timeout = CONNECT_TIMEOUT * 2
     params.client_properties = {"connection_name": "oioioi-admin-status"}
     return params
@@ -111,6 +119,8 @@ def broker_status(settings: Settings) -> BrokerStatus:
 
 
 def _describe(error: BaseException) -> str:
+    if isinstance(error, AMQPConnectorStackTimeout):
+        return f"no answer from the broker within {_parameters_timeout():.0f} s"
     text = redact_text(str(error).strip()) or type(error).__name__
     return f"{type(error).__name__}: {text}"[:300]
 
