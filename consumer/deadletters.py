@@ -73,6 +73,10 @@ class TopologyMissing(ConsumerError):
     """Raised when the dead-letter queue or the results exchange does not exist on the broker."""
 
 
+class BrokerRefused(ConsumerError):
+    """Raised when the broker closed the channel on us (no permission, a queue deleted meanwhile)."""
+
+
 class TopologyMismatch(ConsumerError):
     """Raised when the dead-letter queue exists with other arguments (type) than configured."""
 
@@ -300,7 +304,7 @@ def _wrapped(what: str) -> Iterator[None]:
     except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
         raise PublishError(f"{what}: the broker did not accept the message: {e!r}") from None
     except pika.exceptions.ChannelClosedByBroker as e:
-        raise PublishError(f"{what}: the broker closed the channel: {e!r}") from None
+        raise BrokerRefused(f"{what}: the broker refused ({e.reply_code} {e.reply_text})") from None
     except (pika.exceptions.AMQPError, OSError) as e:
         raise ConnectionClosed(f"{what}: broker connection lost: {e!r}") from None
 
@@ -352,11 +356,13 @@ class _Pass:
             try:
                 # Declared again with its arguments: the broker refuses if the queue's type is
                 # not the configured one, and the way kept messages are put back depends on it.
-                channel.queue_declare(
-                    self.queue,
-                    durable=True,
-                    arguments=topology.dead_letter_queue_arguments(self.settings),
-                )
+                # (Not where the broker's definitions hold the topology and we may not declare.)
+                if self.settings.declare_topology:
+                    channel.queue_declare(
+                        self.queue,
+                        durable=True,
+                        arguments=topology.dead_letter_queue_arguments(self.settings),
+                    )
             except pika.exceptions.ChannelClosedByBroker as e:
                 if e.reply_code == 406:
                     raise TopologyMismatch(
