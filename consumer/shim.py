@@ -416,6 +416,13 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
             self._ids.get("job_id"),
             self._ids.get("group_id"),
             self._ids.get("submission_id"),
+            # The same ids as structured fields, for the JSON log format (LOG_FORMAT=json).
+            extra={
+                "message_id": self._ids.get("group_id"),
+                "job_id": self._ids.get("job_id"),
+                "group_id": self._ids.get("group_id"),
+                "outcome": "published" if self._status == 200 else "refused",
+            },
         )
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:

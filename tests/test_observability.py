@@ -181,7 +181,7 @@ def test_counters_follow_results_and_bad_messages(broker, start_consumer, waitin
 def test_shim_serves_metrics_and_counts_requests_by_status(start_shim):
     # Given a shim with --metrics-port
     port = free_port()
-    shim = start_shim("--metrics-port", str(port))
+    shim = start_shim("--metrics-port", str(port), LOG_FORMAT="json")
     wait_until(lambda: _answers(port), what="shim health port")
     wait_until(lambda: readiness(port)[0] == 200, what="shim ready")
     assert readiness(port)[1]["checks"] == {"broker": True}
@@ -199,6 +199,14 @@ def test_shim_serves_metrics_and_counts_requests_by_status(start_shim):
     )
     assert metric(port, "oioioi_results_shim_requests_total", status="200") == 1
     assert metric(port, "oioioi_results_shim_request_seconds_count") == 2
+    # And its JSON log lines carry the ids and the outcome of each request
+    shim.stop()
+    lines = [json.loads(line) for line in shim.log.splitlines() if line.strip()]
+    requests = [line for line in lines if "outcome" in line]
+    assert [(r["outcome"], r["job_id"]) for r in requests] == [
+        ("published", "j"),
+        ("refused", None),
+    ]
 
 
 def test_shim_readyz_is_503_while_the_broker_is_down(private_broker, start_shim):
