@@ -373,6 +373,18 @@ def test_definitions_give_each_user_only_what_it_needs(defined_broker, tmp_path,
         report = json.loads(status.stdout)
         assert report["dead_letters"]["by_reason"] == {"invalid": 1}
         assert {q["role"]: q["consumers"] for q in report["broker"]["queues"]}["results"] == 1
+        # And it may replay them (this one is invalid, so the consumer dead-letters it again).
+        command = ["results_deadletters", "replay", "--all", "--yes"]
+        replay = subprocess.run(
+            [sys.executable, str(ROOT / "manage.py"), *command],
+            cwd=ROOT,
+            env=process_env(consumer, RESULTS_DECLARE_TOPOLOGY="false"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert replay.returncode == 0, replay.stdout + replay.stderr
+        wait_until(lambda: proc.log.count("dead-lettered (invalid)") == 2, what="replayed")
     finally:
         assert proc.stop() == 0
     assert proc.log.count("committed") >= 1
