@@ -117,6 +117,7 @@ class Transport:
         self._pending: collections.deque[Delivery] = collections.deque()
         self._cancelled = False
         self._prefetch = 0
+        self._consumer_tag = ""
         with _wrapped():
             self._connection: BlockingConnection = pika.BlockingConnection(
                 connection_parameters(settings)
@@ -133,7 +134,9 @@ class Transport:
                     self._prefetch = 1
                     self._channel.basic_qos(prefetch_count=1)
                     self._channel.add_on_cancel_callback(self._on_cancel)
-                    self._channel.basic_consume(settings.queue, self._on_message, auto_ack=False)
+                    self._consumer_tag = self._channel.basic_consume(
+                        settings.queue, self._on_message, auto_ack=False
+                    )
             except BaseException:
                 self._close_quietly()
                 raise
@@ -181,10 +184,22 @@ class Transport:
         return batch
 
     def _set_prefetch(self, count: int) -> None:
-        if count != self._prefetch:
-            with _wrapped():
-                self._channel.basic_qos(prefetch_count=count)
-            self._prefetch = count
+        if count <= self._prefetch:
+            # Lowering it would take cancelling the consumer, and pika nacks (requeues) what it
+            # has buffered when an unacked consumer is cancelled: those messages would come back
+            # as redeliveries, charged a delivery each. A channel starts afresh at one instead.
+            return
+        with _wrapped():
+            # RabbitMQ gives a consumer the prefetch in force when it started; a later basic.qos
+            # reaches only consumers started after it. So the consumer is started again. At the
+            # cautious prefetch of one nothing is buffered beyond the delivery in hand, which
+            # stays unacked on this channel and is acked as usual.
+            self._channel.basic_qos(prefetch_count=count)
+            self._channel.basic_cancel(self._consumer_tag)
+            self._consumer_tag = self._channel.basic_consume(
+                self.settings.queue, self._on_message, auto_ack=False
+            )
+        self._prefetch = count
 
     # --- settling --------------------------------------------------------------------------
 

@@ -1,0 +1,71 @@
+"""The transport's prefetch against a real broker: cautious at first, then a whole batch at a time.
+
+RabbitMQ applies ``basic.qos`` only to consumers started after it, so raising the prefetch of a
+running consumer takes starting it again; without that every batch would be a single message.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pika
+
+from consumer.transport import Transport
+from tests.conftest import make_settings
+
+
+def publish(settings, count: int) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        for i in range(count):
+            channel.basic_publish(settings.exchange, settings.routing_key, f"m{i}".encode())
+    finally:
+        conn.close()
+
+
+def receive_all(transport: Transport, count: int, timeout: float = 20.0) -> list[list[bytes]]:
+    batches: list[list[bytes]] = []
+    deadline = time.monotonic() + timeout
+    while sum(len(b) for b in batches) < count:
+        assert time.monotonic() < deadline, f"received {batches}"
+        batch = transport.receive(32, 0.2)
+        if batch:
+            batches.append([d.body for d in batch])
+            transport.ack(batch[-1], multiple=True)
+    return batches
+
+
+def test_first_delivery_alone_then_batches(amqp_url):
+    settings = make_settings(amqp_url, prefetch=64, batch_size=32)
+    with Transport(settings) as transport:
+        # Given 100 messages waiting
+        publish(settings, 100)
+        # When the consumer takes them
+        batches = receive_all(transport, 100)
+    # Then the first comes alone (the cautious start) and the rest in full batches, in order
+    assert len(batches[0]) == 1
+    assert max(len(b) for b in batches) == 32
+    assert len(batches) <= 8
+    assert [m for b in batches for m in b] == [f"m{i}".encode() for i in range(100)]
+
+
+def test_the_delivery_in_hand_is_still_acked_after_the_consumer_restarts(amqp_url):
+    settings = make_settings(amqp_url, prefetch=8, batch_size=8)
+    with Transport(settings) as transport:
+        publish(settings, 3)
+        first = transport.receive(8, 5.0)
+        assert [d.body for d in first] == [b"m0"]
+        # The consumer was started again with the larger prefetch; the first delivery's tag is
+        # still good on the channel.
+        transport.ack(first[-1], multiple=True)
+        rest = receive_all(transport, 2)
+    assert [m for b in rest for m in b] == [b"m1", b"m2"]
+    # Nothing came back: every message was acked exactly once, none was requeued.
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        depth = conn.channel().queue_declare(settings.queue, passive=True).method.message_count
+    finally:
+        conn.close()
+    assert depth == 0
