@@ -495,6 +495,12 @@ def _run_pass(
             if progress is not None:
                 progress(done, total)
         dlq.finish()
+    except BaseException:
+        # Closing would requeue what is held too, but without waiting for it; the next reader
+        # should find the queue whole. (If the connection is what failed, this fails at once.)
+        with contextlib.suppress(Exception):
+            dlq.finish()
+        raise
     finally:
         dlq.close()
 

@@ -3,7 +3,10 @@ real broker (both queue types), with dead letters the real consumer made where i
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +19,7 @@ from consumer.config import Settings
 from consumer.deadletters import TopologyMismatch, TopologyMissing
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers.models import ReceivedResult
-from tests.conftest import BrokerClient, make_settings, result_for
+from tests.conftest import ROOT, BrokerClient, make_settings, result_for
 from tests.recipeapp.models import StepLog
 
 QUEUE_TYPES = ["classic", "quorum"]
@@ -303,6 +306,43 @@ def test_a_pass_cut_short_loses_nothing(typed):
     }
     assert len(replayed) == 50
     assert replayed | still == set(ids)
+
+
+KILLED_REPLAY = """
+import os, sys
+from consumer import deadletters
+from consumer.config import Settings
+settings = Settings(**{k: v for k, v in json.loads(sys.argv[1]).items()})
+def die(done, total):
+    if done == 30:
+        os._exit(137)
+deadletters.replay(settings, progress=die)
+"""
+
+
+def test_a_replay_killed_midway_loses_nothing(typed):
+    settings, broker = typed
+    ids = fill(settings, 80)
+    args = json.dumps(dataclasses.asdict(settings))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import json\n" + KILLED_REPLAY, args],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 137, proc.stderr
+    # The broker requeues what the dead connection held in the background.
+    wait_until(
+        lambda: broker.depth(settings.queue) + broker.depth(settings.dead_letter_queue) >= 80,
+        what="the killed pass's messages back",
+    )
+    replayed = [f"dl-{json.loads(b)['n']:05d}" for b, _, _ in contents(broker, settings.queue)]
+    still = [
+        h["x-oioioi-dead-letter-id"] for _, _, h in contents(broker, settings.dead_letter_queue)
+    ]
+    assert replayed == ids[:30]
+    # (Replaying everything keeps nothing, so not even a quorum queue has moved round.)
+    assert still == ids[30:]
 
 
 def test_unroutable_replay_stays_dead_lettered(typed):
