@@ -267,6 +267,70 @@ def test_broker_closing_the_connection_mid_write_costs_nothing(
     assert consumer.stop() == 0
 
 
+def test_write_failing_while_the_broker_is_gone_spends_no_retry(
+    private_broker, start_consumer, waiting_job
+):
+    settings = make_settings(private_broker.url)
+    client = BrokerClient(settings)
+    sent = waiting_job()
+    set_restore(sent, "tests.recipeapp.recipes.slow_failing_restore")
+    consumer = start_consumer(settings=settings)
+    client.publish_env(result_for(sent), message_id="failing")
+    consumer.wait_for_log("slow restore started")
+    # When the connection goes while the write runs, and then the write fails
+    private_broker.close_all_connections()
+    consumer.wait_for_log("Broker unavailable")
+    # Then that failure is not counted: the message still gets its two retries
+    client.wait_depth(settings.dead_letter_queue, 1, timeout=60)
+    [(props, _)] = client.drain(settings.dead_letter_queue)
+    assert props.headers["x-oioioi-retries"] == 2
+    assert consumer.log.count("slow restore started") == 4
+    assert consumer.log.count("retrying in") == 2
+    assert_queues_settled(client)
+    assert SavedEnviron.objects.filter(pk=sent["saved_environ_id"]).exists()
+
+
+@pytest.mark.parametrize("copy_to", ["dead_letter_queue", "retry_queue"])
+def test_a_copy_the_broker_does_not_take_leaves_the_original_unacked(
+    broker, start_consumer, waiting_job, copy_to
+):
+    sent = waiting_job()
+    if copy_to == "dead_letter_queue":
+        body = b"{not json"
+    else:
+        set_restore(sent, "tests.recipeapp.recipes.no_such_function")
+        body = json.dumps(result_for(sent)).encode()
+    consumer = start_consumer()
+    # Given the queue the copy must go to deleted under the consumer (the copy is unroutable)
+    queue = getattr(broker.settings, copy_to)
+    conn = pika.BlockingConnection(pika.URLParameters(broker.settings.amqp_url))
+    channel = conn.channel()
+    channel.queue_delete(queue)
+    # (published on a plain channel: the test client would declare the queue again)
+    channel.basic_publish(
+        broker.settings.exchange,
+        broker.settings.routing_key,
+        body,
+        pika.BasicProperties(message_id="copied", delivery_mode=2),
+    )
+    conn.close()
+    # Then the original is not acked: the consumer reconnects, declares the queue again, and
+    # the message comes back and is settled
+    consumer.wait_for_log(f"could not publish to {queue!r}")
+    if copy_to == "dead_letter_queue":
+        broker.wait_depth(queue, 1)
+        [(props, _)] = broker.drain(queue)
+        assert props.message_id == "copied"
+        assert props.headers["x-oioioi-reason"] == "undecodable"
+    else:
+        broker.wait_depth(broker.settings.dead_letter_queue, 1, timeout=60)
+        [(props, _)] = broker.drain(broker.settings.dead_letter_queue)
+        assert props.message_id == "copied"
+        assert props.headers["x-oioioi-retries"] == 2
+    broker.wait_depth(broker.settings.queue, 0)
+    assert consumer.alive()
+
+
 def test_a_tag_from_a_closed_channel_is_refused_on_its_successor(broker, queue_settings):
     broker.publish_env({"job_id": "j", "error": "x"}, message_id="m")
     first = Transport(queue_settings)
@@ -406,11 +470,9 @@ def test_killed_after_the_resume_committed_the_job_still_runs_once(
     assert second.stop() == 0
 
 
-def test_sigkill_between_commit_and_ack_is_a_duplicate_on_redelivery(
+def test_sigkill_mid_write_the_message_comes_back_and_is_applied_once(
     broker, start_consumer, waiting_job
 ):
-    # Killed while the recipe after the ack is slow: the message had been acked; killed while
-    # the write is slow (before the commit): the message comes back and is applied once.
     sent = waiting_job()
     set_restore(sent, "tests.recipeapp.recipes.slow_restore")
     first = start_consumer()
@@ -423,3 +485,27 @@ def test_sigkill_between_commit_and_ack_is_a_duplicate_on_redelivery(
     assert steps(sent["job_id"]) == ["after-results"]
     assert "'killed' committed" in second.log
     assert_queues_settled(broker)
+
+
+def test_killed_between_commit_and_ack_the_redelivery_is_a_duplicate_and_the_job_runs(
+    broker, start_consumer, waiting_job, tmp_path: Path
+):
+    flag = tmp_path / "crash"
+    flag.touch()
+    sent = waiting_job()
+    set_restore(sent, "tests.recipeapp.recipes.crash_after_commit_restore", crash_flag=str(flag))
+    first = start_consumer()
+    broker.publish_env(result_for(sent), message_id="committed-then-killed")
+    assert first.proc.wait(30) == 137
+    # The write committed (with its pending run); the ack never happened.
+    assert ReceivedResult.objects.filter(key="committed-then-killed").exists()
+    assert PendingRun.objects.filter(job_id=sent["job_id"], attempts=0).exists()
+    flag.unlink()
+    second = start_consumer()
+    wait_until(job_done(sent["job_id"]), timeout=30, what="the job after the kill")
+    wait_until(
+        lambda: "'committed-then-killed' duplicate" in second.log, what="the redelivery settled"
+    )
+    assert steps(sent["job_id"]) == ["after-results"]
+    assert_queues_settled(broker)
+    assert second.stop() == 0

@@ -81,3 +81,28 @@ def operational_error_restore(
     from django.db import OperationalError
 
     raise OperationalError("canceling statement due to statement timeout")
+
+
+def slow_failing_restore(
+    saved_environ: dict[str, Any], resuming_environ: dict[str, Any]
+) -> dict[str, Any]:
+    """A restore function that takes a while, then fails as a bug would."""
+    import logging
+
+    logging.getLogger(__name__).warning("slow restore started")
+    time.sleep(3)
+    raise ValueError("restore failed after a while")
+
+
+def crash_after_commit_restore(
+    saved_environ: dict[str, Any], resuming_environ: dict[str, Any]
+) -> dict[str, Any]:
+    """A restore function that kills the process right after the write commits, before the ack,
+    while the saved ``crash_flag`` exists."""
+    from django.db import transaction
+
+    flag = saved_environ.pop("crash_flag", None)
+    if flag and os.path.exists(flag):
+        transaction.on_commit(lambda: os._exit(137))
+    saved_environ.update(resuming_environ)
+    return saved_environ
