@@ -38,9 +38,11 @@ Every delivery ends in exactly one of these, and is acknowledged only after that
 
 A redelivered message (a *suspect*: it may be what killed the previous consumer) is written in a
 transaction of its own, so that a crash is charged to it alone. A fresh channel starts with a
-prefetch of one, and goes back to it whenever a redelivery arrives, until a first-time delivery
-arrives: a quorum queue counts a delivery against every message the dead consumer held, so the
-fewer innocent messages are in flight beside a suspect, the fewer are charged for its crashes.
+prefetch of one and raises it when a first-time delivery arrives: a quorum queue counts a delivery
+against every message the dead consumer held, so the fewer innocent messages are in flight beside
+a suspect, the fewer are charged for its crashes. (A consumer already at full prefetch keeps it
+when another's redeliveries reach it; innocent messages then pay at most one delivery for each
+crash they were in flight for, well within the default limit of 20.)
 
 A batch is written in one transaction; if it fails for any reason other than the database being
 away, each of its messages is written again on its own, so one bad message never takes others with

@@ -176,11 +176,11 @@ class Transport:
         batch: list[Delivery] = []
         while self._pending and len(batch) < max_count:
             batch.append(self._pending.popleft())
-        if batch:
-            # A quorum queue charges a delivery to every message a dead consumer held: hold one
-            # at a time while redeliveries arrive, many once first-time deliveries do.
-            suspects = any(d.redelivered for d in batch)
-            self._set_prefetch(1 if suspects else self.settings.prefetch)
+        if batch and not any(d.redelivered for d in batch):
+            # A quorum queue charges a delivery to every message a dead consumer held: a fresh
+            # channel holds one at a time while what earlier channels left comes back, and many
+            # once first-time deliveries arrive.
+            self._set_prefetch(self.settings.prefetch)
         return batch
 
     def _set_prefetch(self, count: int) -> None:
