@@ -41,6 +41,7 @@ def process_env(settings: Settings, database_url: str, **extra: str) -> dict[str
         PYTHONUNBUFFERED="1",
         PYTHONPATH=str(ROOT),
         LOG_LEVEL="INFO",
+        LOG_FORMAT="human",
     )
     env.update(extra)
     return env

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 import traceback
@@ -60,6 +61,7 @@ class Results:
     legacy: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     shim: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     drain: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    handoff: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     e2e: list[dict[str, Any]] = field(default_factory=list)
     max_rate: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
@@ -90,6 +92,7 @@ class Suite:
             "legacy": self.legacy,
             "shim": self.shim,
             "drain": self.drain,
+            "handoff": self.handoff,
             "e2e": self.e2e,
             "memory": self.memory,
         }
@@ -185,9 +188,12 @@ class Suite:
                     runs.append(summary)
                     log.info("   %s %s x%d: %s", proc.name, size, clients, _brief(summary))
 
-    def _start_consumer(self, *args: str) -> tuple[Proc, OutcomeTail]:
+    def _start_consumer(self, *args: str, **env: str) -> tuple[Proc, OutcomeTail]:
         proc = Proc(
-            "consumer", manage("start_receive_from_workers", *args), self.env(), self.log_dir
+            "consumer",
+            manage("start_receive_from_workers", *args),
+            self.env(**env),
+            self.log_dir,
         )
         proc.wait_for_log("Consuming from")
         return proc, OutcomeTail(proc.log_path)
@@ -203,13 +209,23 @@ class Suite:
             out.append((group_id, body))
         return out
 
-    def _check_settled(self, count: int, proc: Proc, timeout: float = 120.0) -> float:
-        """Wait until every message is acked and every recipe ran; returns when that was."""
+    def _check_settled(
+        self, count: int, proc: Proc, timeout: float = 120.0, recipes: bool = True
+    ) -> float:
+        """Wait until every message is acked and (with ``recipes``) every recipe ran; returns
+        when that was."""
         from oioioi.evalmgr.models import QueuedJob
         from oioioi.workers.models import PendingRun, ReceivedResult
 
+        def busy() -> bool:
+            if self.broker.depth():
+                return True
+            if recipes:
+                return PendingRun.objects.exists() or QueuedJob.objects.exists()
+            return PendingRun.objects.count() < count
+
         deadline = time.monotonic() + timeout
-        while self.broker.depth() or PendingRun.objects.exists() or QueuedJob.objects.exists():
+        while busy():
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"not settled: queue {self.broker.depth()}, pending runs "
@@ -224,20 +240,28 @@ class Suite:
         return done
 
     def drain(self) -> None:
+        self._drain(self.results.drain, recipes=True)
+
+    def handoff(self) -> None:
+        """The drain again with the recipes left to another process: the write path alone."""
+        self._drain(self.results.handoff, recipes=False)
+
+    def _drain(self, into: dict[str, list[dict[str, Any]]], recipes: bool) -> None:
         from bench.jobs import clear_tables
 
+        env = {} if recipes else {"EVALMGR_DISPATCHER": "bench.handoff.HandOffOnly"}
         for size in self.plan.sizes:
-            runs = self.results.drain.setdefault(size, [])
+            runs = into.setdefault(size, [])
             n = self.plan.drain_counts[size]
             for _ in range(self.plan.repeats):
                 clear_tables()
                 self.broker.purge()
                 messages = self._messages(size, n)
                 self.broker.fill(messages, n)
-                proc, tail = self._start_consumer()
+                proc, tail = self._start_consumer(**env)
                 try:
                     tail.wait(n, proc, timeout=max(120.0, n / 20))
-                    done = self._check_settled(n, proc)
+                    done = self._check_settled(n, proc, recipes=recipes)
                 finally:
                     proc.stop()
                 times = sorted(t for t, outcome in tail.outcomes.values() if outcome == "committed")
@@ -252,7 +276,9 @@ class Suite:
                     "settled_after_last_commit_s": done - times[-1],
                 }
                 runs.append(summary)
-                log.info("   drain %s: %s", size, _brief(summary))
+                log.info(
+                    "   drain%s %s: %s", "" if recipes else " (hand-off)", size, _brief(summary)
+                )
 
     def _offered(
         self, proc: Proc, tail: OutcomeTail, rate: float, seconds: float
@@ -288,10 +314,16 @@ class Suite:
             proc.stop()
 
     def _max_rate(self, proc: Proc, tail: OutcomeTail) -> None:
-        """Raise the offered rate by half until the consumer falls behind, then bisect once."""
+        """Search the highest offered rate the consumer keeps up with.
+
+        Starts near the drain rate measured before (or the e2e rate), goes up by a quarter while
+        the steps are sustained and down by a third while they are not, then bisects between the
+        best sustained and the lowest unsustained rate until they are within 15%.
+        """
         steps: list[dict[str, Any]] = []
-        good, bad = 0.0, 0.0
-        rate = self.plan.e2e_rate
+        good, bad = 0.0, math.inf
+        drained = [r["rate"] for r in self.results.drain.get("small", []) if r.get("rate")]
+        rate = 0.8 * sorted(drained)[len(drained) // 2] if drained else self.plan.e2e_rate
         for i in range(self.plan.max_steps):
             step = self._offered(proc, tail, rate, self.plan.step_seconds)
             step["sustained"] = step["p99_ms"] / 1000 < SUSTAINED_P99
@@ -303,17 +335,19 @@ class Suite:
                 if step["publisher_bound"]:
                     break
             else:
-                bad = rate
-            if bad and good:
+                bad = min(bad, rate)
+            if good and bad < math.inf:
                 if bad / good < 1.15:
                     break
                 rate = (good * bad) ** 0.5
+            elif good:
+                rate *= 1.25
             else:
-                rate *= 1.5
+                rate /= 1.5
         self.results.max_rate = {
             "rate": good,
             "publisher_bound": any(s["publisher_bound"] and s["sustained"] for s in steps),
-            "never_fell_behind": not bad,
+            "never_fell_behind": bad == math.inf,
             "steps": steps,
         }
 

@@ -1,0 +1,13 @@
+"""A dispatcher for measuring the consumer's write alone: the hand-off without the recipe runs."""
+
+from __future__ import annotations
+
+from oioioi.evalmgr.dispatch import LocalDispatcher
+
+
+class HandOffOnly(LocalDispatcher):
+    """Writes each resumed job's ``PendingRun`` as the local dispatcher does, and runs none of
+    them: what the consumer would do if the recipes ran in another process."""
+
+    def run_pending(self, limit: int | None = None) -> int:
+        return 0
