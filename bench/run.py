@@ -12,12 +12,14 @@ configuration runs ``--repeats`` times and the tables show medians. All traffic 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import pika  # noqa: E402
 
 from bench.stats import median  # noqa: E402
 from bench.suite import Plan  # noqa: E402
@@ -116,6 +120,7 @@ class Database:
 
 
 def run_suite(db: Database, plan: Plan, timeout: float, tmp: Path) -> dict[str, Any]:
+    """Run the sections for one database in a process of their own, within ``timeout``."""
     plan_path = tmp / f"plan-{db.kind}.json"
     out_path = tmp / f"results-{db.kind}.json"
     plan_path.write_text(json.dumps(asdict(plan)))
@@ -125,17 +130,53 @@ def run_suite(db: Database, plan: Plan, timeout: float, tmp: Path) -> dict[str, 
         DJANGO_SETTINGS_MODULE="bench.settings",
         PYTHONPATH=str(ROOT),
     )
+    # A session of its own, so that on a timeout or Ctrl-C the suite and every process it
+    # started (consumers, receivers) end together.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.suite", "--plan", str(plan_path), "--out", str(out_path)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
     try:
-        subprocess.run(
-            [sys.executable, "-m", "bench.suite", "--plan", str(plan_path), "--out", str(out_path)],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            timeout=timeout,
-        )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        return {"db": db.kind, "errors": [f"suite: {e}"]}
+        returncode = proc.wait(timeout)
+    except BaseException as e:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if not isinstance(e, subprocess.TimeoutExpired):
+            raise
+        return {"db": db.kind, "errors": [f"suite: stopped after {timeout:.0f} s"]}
+    finally:
+        cleanup_broker(plan)
+    if returncode != 0 or not out_path.exists():
+        return {"db": db.kind, "errors": [f"suite: exited with {returncode}"]}
     return dict(json.loads(out_path.read_text()))
+
+
+def cleanup_broker(plan: Plan) -> None:
+    """Delete the run's queues and exchange (the suite does too, unless it was killed)."""
+    from bench.broker import bench_settings, celery_queue
+
+    settings = bench_settings(plan.amqp_url, plan.queue_prefix)
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(plan.amqp_url))
+    except Exception as e:
+        print(f"could not clean up the broker: {e}", file=sys.stderr)
+        return
+    try:
+        for queue in (
+            settings.queue,
+            settings.retry_queue,
+            settings.dead_letter_queue,
+            celery_queue(settings),
+        ):
+            with contextlib.suppress(Exception):
+                conn.channel().queue_delete(queue)
+        with contextlib.suppress(Exception):
+            conn.channel().exchange_delete(settings.exchange)
+    finally:
+        conn.close()
 
 
 # --- tables ------------------------------------------------------------------------------------
@@ -352,6 +393,7 @@ def main() -> int:
                 amqp_url=args.amqp_url,
                 log_dir=str(tmp),
                 database_url=db.url,
+                queue_prefix=f"bench{uuid.uuid4().hex[:10]}",
                 memory_count=args.memory_count or memory_counts[kind],
                 **preset,
             )

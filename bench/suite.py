@@ -52,6 +52,7 @@ class Plan:
     amqp_url: str
     log_dir: str
     database_url: str
+    queue_prefix: str
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Suite:
         from django.db import connection
 
         self.plan = plan
-        self.settings = bench_settings(plan.amqp_url)
+        self.settings = bench_settings(plan.amqp_url, plan.queue_prefix)
         self.broker = Broker(self.settings)
         self.log_dir = Path(plan.log_dir)
         self.results = Results(db=connection.vendor)
