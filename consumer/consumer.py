@@ -62,6 +62,10 @@ class Store:
     idle: Callable[[], None]
     #: Database errors that are worth retrying (connection lost, lock timeout, busy, ...).
     transient: tuple[type[BaseException], ...]
+    #: Refuse, without the database, an environ the write would refuse (raises
+    #: :class:`~consumer.errors.RejectedEnviron`): it is dead-lettered before the batch is
+    #: written, rather than failing the batch and making it fall back to single writes.
+    check: Callable[[dict[str, Any]], None] | None = None
     #: Classic queues: add one to a message's attempt count, committed; returns the count,
     #: this attempt included, or 0 when the message has already been applied.
     count_attempt: Callable[[str], int] | None = None
@@ -140,6 +144,8 @@ class ResultsConsumer:
         for delivery in deliveries:
             try:
                 result = decode(delivery.body, delivery.message_id)
+                if self.store.check is not None:
+                    self.store.check(result.env)
             except PermanentError as e:
                 self._dead_letter(transport, delivery, e)
                 continue

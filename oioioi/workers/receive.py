@@ -213,6 +213,7 @@ def store() -> Store:
         after_ack=after_ack,
         idle=idle,
         transient=TRANSIENT_ERRORS,
+        check=check_environ,
         count_attempt=count_attempt,
         forget_attempt=forget_attempt,
     )
