@@ -4,8 +4,8 @@
 dispatcher writes a :class:`~oioioi.workers.models.PendingRun` row there, so the hand-off commits or
 rolls back with the resume itself: a process that dies right after the commit leaves the row
 behind, and whoever calls :meth:`run_pending` next (a consumer sweeps when it starts, after each
-ack and when idle) claims it once its lease has expired and runs it; a row nobody has claimed yet
-is taken at once.
+ack and when idle; so does ``manage.py run_pending_jobs``) claims it once its lease has expired and
+runs it; a row nobody has claimed yet is taken at once.
 
 A run is claimed with a lease (``claimed_by`` / ``claimed_until``, ``EVALMGR_RUN_LEASE_SECONDS``).
 Each recipe phase commits with a checkpoint of the environ that also checks and extends the lease,
