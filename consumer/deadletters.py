@@ -47,7 +47,7 @@ from consumer import topology
 from consumer.config import Settings
 from consumer.errors import ConnectionClosed, ConsumerError, PublishError
 from consumer.policy import DEAD_LETTER_ID, PREFIX, REASON
-from consumer.transport import connection_parameters
+from consumer.transport import CONNECTION_ERRORS, connection_parameters
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def _wrapped(what: str) -> Iterator[None]:
         raise PublishError(f"{what}: the broker did not accept the message: {e!r}") from None
     except pika.exceptions.ChannelClosedByBroker as e:
         raise BrokerRefused(f"{what}: the broker refused ({e.reply_code} {e.reply_text})") from None
-    except (pika.exceptions.AMQPError, OSError) as e:
+    except CONNECTION_ERRORS as e:
         raise ConnectionClosed(f"{what}: broker connection lost: {e!r}") from None
 
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from consumer import topology
 from consumer.config import Settings
@@ -96,6 +97,15 @@ def connection_parameters(settings: Settings) -> pika.URLParameters:
     return params
 
 
+#: Everything pika raises when a connection fails or breaks. The connector's errors (a broker that
+#: accepts TCP but never finishes the handshake) do not derive from ``AMQPError``.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    pika.exceptions.AMQPError,
+    AMQPConnectorException,
+    OSError,
+)
+
+
 @contextmanager
 def _wrapped() -> Iterator[None]:
     try:
@@ -104,7 +114,7 @@ def _wrapped() -> Iterator[None]:
         raise PublishError(f"broker did not accept the message: {e!r}") from None
     except pika.exceptions.ConsumerCancelled:
         raise ConsumerCancelled("the broker cancelled the consumer") from None
-    except (pika.exceptions.AMQPError, OSError) as e:
+    except CONNECTION_ERRORS as e:
         raise ConnectionClosed(f"broker connection lost: {e!r}") from None
 
 

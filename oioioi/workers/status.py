@@ -16,20 +16,17 @@ import pika.exceptions
 from django.conf import settings as django_settings
 from django.utils import timezone
 from pika.adapters.utils.connection_workflow import (
-    AMQPConnectorException,
     AMQPConnectorStackTimeout,
 )
 
 from consumer.config import Settings
 from consumer.redact import redact_text
-from consumer.transport import connection_parameters
+from consumer.transport import CONNECTION_ERRORS, connection_parameters
 from oioioi.evalmgr.models import QueuedJob
 
 log = logging.getLogger(__name__)
 
-#: What pika raises when it cannot talk to the broker. A handshake that times out (a broker that
-#: accepts TCP connections and says nothing) raises a connector error, which is no AMQPError.
-_BROKER_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException, OSError)
+_BROKER_ERRORS = CONNECTION_ERRORS
 
 #: Seconds the panel waits for the broker (TCP connect, then the AMQP handshake) before giving up.
 CONNECT_TIMEOUT = 2.0
