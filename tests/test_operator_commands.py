@@ -289,6 +289,19 @@ def test_inbox_cleanup_deletes_old_records_in_chunks(settings):
         call_command("results_inbox_cleanup", "--days", "-1")
 
 
+def test_inbox_cleanup_drops_old_attempt_counts_too(settings):
+    from oioioi.workers.models import DeliveryAttempt
+
+    DeliveryAttempt.objects.create(
+        key="old", attempts=3, last_attempt_at=timezone.now() - timedelta(days=40)
+    )
+    DeliveryAttempt.objects.create(key="recent", attempts=1)
+    out = io.StringIO()
+    call_command("results_inbox_cleanup", "--days", "30", stdout=out)
+    assert "and 1 old delivery-attempt count(s)" in out.getvalue()
+    assert list(DeliveryAttempt.objects.values_list("key", flat=True)) == ["recent"]
+
+
 # --- run_pending_jobs --------------------------------------------------------------------------
 
 

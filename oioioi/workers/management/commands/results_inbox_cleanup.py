@@ -14,13 +14,14 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from oioioi.workers.models import ReceivedResult
+from oioioi.workers.models import DeliveryAttempt, ReceivedResult
 
 
 class Command(BaseCommand):
     help = (
-        "Delete received-result (inbox) records older than RESULTS_INBOX_RETENTION_DAYS, in "
-        "chunks, and print how many were deleted."
+        "Delete received-result (inbox) records, and the attempt counts of classic-queue "
+        "redeliveries, older than RESULTS_INBOX_RETENTION_DAYS, in chunks, and print how many "
+        "were deleted."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -47,17 +48,27 @@ class Command(BaseCommand):
         if chunk < 1:
             raise CommandError("--chunk-size must be at least 1.")
         cutoff = timezone.now() - timedelta(days=days)
-        old = ReceivedResult.objects.filter(received_at__lt=cutoff)
+        deleted = self._delete_in_chunks(
+            ReceivedResult.objects.filter(received_at__lt=cutoff), chunk, options["verbosity"]
+        )
+        # A count left behind by a message that was then dead-lettered or lost its last consumer
+        # for good is never dropped by the consumer; it ages out with the inbox.
+        attempts = self._delete_in_chunks(
+            DeliveryAttempt.objects.filter(last_attempt_at__lt=cutoff), chunk, 0
+        )
+        self.stdout.write(
+            f"Deleted {deleted} received-result record(s) older than {days} day(s) "
+            f"(received before {cutoff.isoformat(timespec='seconds')}), and {attempts} "
+            "old delivery-attempt count(s)."
+        )
+
+    def _delete_in_chunks(self, old: Any, chunk: int, verbosity: int) -> int:
         deleted = 0
         while True:
             pks = list(old.order_by("pk").values_list("pk", flat=True)[:chunk])
             if not pks:
-                break
-            count, _ = ReceivedResult.objects.filter(pk__in=pks).delete()
+                return deleted
+            count, _ = old.model.objects.filter(pk__in=pks).delete()
             deleted += count
-            if options["verbosity"] >= 2:
+            if verbosity >= 2:
                 self.stdout.write(f"Deleted {deleted} so far.")
-        self.stdout.write(
-            f"Deleted {deleted} received-result record(s) older than {days} day(s) "
-            f"(received before {cutoff.isoformat(timespec='seconds')})."
-        )
