@@ -18,7 +18,9 @@ Every delivery ends in exactly one of these, and is acknowledged only after that
     The attempt count travels in ``x-oioioi-retries``; past ``max_retries`` the message is
     dead-lettered with the traceback. Other messages are not held up meanwhile.
 ``left unacked``
-    Transient database errors are first retried in-process (tenacity, exponential backoff with
+    Transient database errors (connection lost, server restarting, lock timeout, SQLite busy,
+    serialization failure, a server that refuses writes during a failover) are first retried
+    in-process (tenacity, exponential backoff with
     jitter, connections reset between attempts, heartbeats kept alive by the main thread). When the
     budget is spent the database is *away*, which is not the message's fault: the consumer keeps the
     message unacked, takes nothing new, probes the database with backoff and writes the same

@@ -64,7 +64,16 @@ class PgFaults:
 
     def restore(self) -> None:
         self._admin.execute(f'ALTER DATABASE "{self.dbname}" ALLOW_CONNECTIONS true')
+        self._admin.execute(f'ALTER DATABASE "{self.dbname}" RESET default_transaction_read_only')
         self.down = False
+
+    def read_only(self) -> None:
+        """New sessions refuse writes, as on a primary demoted during a failover."""
+        self._admin.execute(
+            f'ALTER DATABASE "{self.dbname}" SET default_transaction_read_only = on'
+        )
+        self.down = True
+        self.terminate()
 
     def close(self) -> None:
         if self.down:

@@ -5,14 +5,16 @@ Everything here runs on the consumer's database thread.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from django.db import (
     IntegrityError,
     InterfaceError,
+    InternalError,
     OperationalError,
     close_old_connections,
     connection,
@@ -29,6 +31,9 @@ from oioioi.evalmgr.tasks import delay_environ
 from oioioi.workers.models import DeliveryAttempt, ReceivedResult
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: Database errors worth retrying: the connection broke, the server restarts, a lock or
 #: serialization conflict, SQLite busy. Django wraps every driver's errors in these two.
@@ -128,6 +133,34 @@ def _insert_inbox(results: Sequence[Result]) -> set[str]:
     return fresh
 
 
+class ReadOnlyDatabase(OperationalError):
+    """Raised when the server refuses writes: a failover to a read-only replica is under way."""
+
+
+#: PostgreSQL's SQLSTATE for "cannot execute ... in a read-only transaction".
+_READ_ONLY_SQLSTATE = "25006"
+
+
+def _read_only_is_transient(func: Callable[P, R]) -> Callable[P, R]:
+    """Re-raise a refused write on a read-only server as :class:`ReadOnlyDatabase`.
+
+    Drivers report it as an internal error (SQLSTATE class 25), which says nothing about the
+    message: it must wait for the primary like any other outage, not go to the retry queue.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except InternalError as e:
+            if getattr(e.__cause__, "sqlstate", None) == _READ_ONLY_SQLSTATE:
+                raise ReadOnlyDatabase(str(e)) from e
+            raise
+
+    return wrapper
+
+
+@_read_only_is_transient
 def write(results: Sequence[Result]) -> list[str]:
     """Apply results in one durable transaction; committed when this returns."""
     close_old_connections()
@@ -167,6 +200,7 @@ def _write_row_by_row(results: Sequence[Result]) -> list[str]:
     return outcomes
 
 
+@_read_only_is_transient
 def count_attempt(key: str) -> int:
     """Count one more attempt at writing ``key``, committed on its own; 0 if already applied."""
     close_old_connections()
@@ -186,8 +220,15 @@ def forget_attempt(key: str) -> None:
 
 
 def probe() -> None:
+    """Raise unless the database answers and takes writes."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
+        if connection.vendor == "postgresql":
+            # A replica promoted-to-be (or a primary demoted) answers SELECT 1 but refuses writes.
+            cursor.execute("SHOW transaction_read_only")
+            if cursor.fetchone()[0] == "on":
+                raise ReadOnlyDatabase("the database is read-only")
+        else:
+            cursor.execute("SELECT 1")
 
 
 def reset() -> None:
