@@ -53,6 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "step_seconds": 2.0,
         "max_steps": 5,
         "memory_count": {"postgres": 20_000, "sqlite": 10_000},
+        "memory_seconds": {"postgres": 180, "sqlite": 120},
         "timeout": {"postgres": 900, "sqlite": 900},
     },
     "full": {
@@ -63,7 +64,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "step_seconds": 3.0,
         "max_steps": 6,
         "memory_count": {"postgres": 100_000, "sqlite": 20_000},
-        "timeout": {"postgres": 1500, "sqlite": 900},
+        "memory_seconds": {"postgres": 540, "sqlite": 150},
+        "timeout": {"postgres": 1080, "sqlite": 600},
     },
 }
 
@@ -146,12 +148,22 @@ def run_suite(db: Database, plan: Plan, timeout: float, tmp: Path) -> dict[str, 
         proc.wait()
         if not isinstance(e, subprocess.TimeoutExpired):
             raise
-        return {"db": db.kind, "errors": [f"suite: stopped after {timeout:.0f} s"]}
+        return _partial(db, out_path, f"suite: stopped after {timeout:.0f} s")
     finally:
         cleanup_broker(plan)
-    if returncode != 0 or not out_path.exists():
-        return {"db": db.kind, "errors": [f"suite: exited with {returncode}"]}
+    if returncode != 0:
+        return _partial(db, out_path, f"suite: exited with {returncode}")
     return dict(json.loads(out_path.read_text()))
+
+
+def _partial(db: Database, out_path: Path, error: str) -> dict[str, Any]:
+    """What a suite that did not finish had measured (it writes after each section)."""
+    results: dict[str, Any] = {"db": db.kind}
+    if out_path.exists():
+        with contextlib.suppress(ValueError):
+            results = dict(json.loads(out_path.read_text()))
+    results.setdefault("errors", []).append(error)
+    return results
 
 
 def cleanup_broker(plan: Plan) -> None:
@@ -286,8 +298,11 @@ def tables(all_results: list[dict[str, Any]]) -> str:
         mem = r.get("memory")
         if not mem:
             continue
+        messages = f"{mem['messages']:,}"
+        if mem.get("time_capped"):
+            messages += f" of {mem['planned']:,} (time limit)"
         out.append(
-            f"| {_db_label(r)} | {mem['messages']:,} | {mem['hwm_first_kib'] / 1024:.1f} MiB "
+            f"| {_db_label(r)} | {messages} | {mem['hwm_first_kib'] / 1024:.1f} MiB "
             f"(at {mem['first_at']:,}) | {mem['hwm_end_kib'] / 1024:.1f} MiB "
             f"| {100 * mem['growth']:+.1f}% |"
         )
@@ -330,7 +345,14 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         f"end to end at {_fmt(_m(results.get('e2e', []), 'offered'))}/s: p99 {_fmt(e2e_p99, 1)} ms "
         f"(target < 50)",
     )
-    if mem:
+    if mem and mem.get("time_capped"):
+        line(
+            False,
+            f"the long drain reached only {mem['messages']:,} of {mem['planned']:,} messages "
+            f"within its time limit (peak RSS {100 * mem['growth']:+.1f}% from "
+            f"{mem['first_at']:,} to there)",
+        )
+    elif mem:
         line(
             mem["growth"] <= TARGETS["rss_growth"],
             f"consumer peak RSS {mem['hwm_first_kib'] / 1024:.1f} MiB at {mem['first_at']:,} -> "
@@ -370,10 +392,15 @@ def main() -> int:
     parser.add_argument("--json", help="Also write all figures to this file.")
     parser.add_argument("--keep-logs", action="store_true", help="Keep the processes' logs.")
     args = parser.parse_args()
+    # Stopped by SIGTERM, or by Ctrl-C even when started in the background (where SIGINT is
+    # ignored by default): unwind, so that the suite's processes, database and queues go away.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     preset = dict(PRESETS["full" if args.full else "quick"])
     timeouts = preset.pop("timeout")
     memory_counts = preset.pop("memory_count")
+    memory_seconds = preset.pop("memory_seconds")
     if args.repeats:
         preset["repeats"] = args.repeats
     tmp = Path(tempfile.mkdtemp(prefix="oioioi-bench-"))
@@ -395,6 +422,7 @@ def main() -> int:
                 database_url=db.url,
                 queue_prefix=f"bench{uuid.uuid4().hex[:10]}",
                 memory_count=args.memory_count or memory_counts[kind],
+                memory_seconds=memory_seconds[kind],
                 **preset,
             )
             print(f"== {kind}: database {db.name}", file=sys.stderr, flush=True)
@@ -429,4 +457,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print(
+            "Interrupted; the run's processes, database and queues were removed.", file=sys.stderr
+        )
+        sys.exit(130)
