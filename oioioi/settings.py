@@ -110,7 +110,11 @@ def database_config(url: str) -> dict[str, Any]:
     return config
 
 
-DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{DATA_DIR / 'oioioi.sqlite3'}"
+DATABASE_URL = os.environ.get("DATABASE_URL") or ""
+if not DATABASE_URL:
+    # The embedded default: an SQLite file in the data directory, which a fresh clone lacks.
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASE_URL = f"sqlite:///{DATA_DIR / 'oioioi.sqlite3'}"
 DATABASES = {"default": database_config(DATABASE_URL)}
 
 # --- Broker and queue topology -----------------------------------------------------------------
