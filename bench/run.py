@@ -64,8 +64,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "step_seconds": 3.0,
         "max_steps": 6,
         "memory_count": {"postgres": 100_000, "sqlite": 20_000},
-        "memory_seconds": {"postgres": 540, "sqlite": 150},
-        "timeout": {"postgres": 1080, "sqlite": 600},
+        "memory_seconds": {"postgres": 900, "sqlite": 150},
+        "timeout": {"postgres": 1560, "sqlite": 600},
     },
 }
 
@@ -450,7 +450,8 @@ def main() -> int:
         print(f"Targets ({_db_label(r)}, small environs, one consumer process):")
         print("\n".join(verdicts(r)))
         for error in r.get("errors", []):
-            print(f"- error: {error}")
+            # The first line; the rest (a process's last log lines) is in the --json output.
+            print(f"- error: {error.splitlines()[0]}")
     if args.json:
         Path(args.json).write_text(json.dumps(all_results, indent=1))
     return 1 if any(r.get("errors") for r in all_results) else 0

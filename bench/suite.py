@@ -376,7 +376,13 @@ class Suite:
             deadline = time.monotonic() + self.plan.memory_seconds
             while tail.poll() < n:
                 if not proc.alive():
-                    raise RuntimeError(f"consumer died at {tail.committed} of {n}:\n{proc.tail()}")
+                    signals = [
+                        line for line in proc.tail(200_000).splitlines() if "received" in line
+                    ]
+                    raise RuntimeError(
+                        f"consumer exited ({proc.proc.returncode}) at {tail.committed} of {n}; "
+                        f"signals: {signals or 'none logged'}\n{proc.tail()}"
+                    )
                 if time.monotonic() > deadline:
                     capped = True
                     break
