@@ -503,6 +503,7 @@ class Server(http.server.HTTPServer):
         try:
             super().serve_forever(poll_interval)
         finally:
+            self._accept_backlog()
             self.server_close()  # refuse new connections at once
             for _ in self._threads:
                 self._connections.put(None)
@@ -510,6 +511,19 @@ class Server(http.server.HTTPServer):
                 thread.join()
             self._threads.clear()
             log.info("HTTP shim stopped.")
+
+    def _accept_backlog(self) -> None:
+        # Connections the kernel completed before the stop are clients already sending a result;
+        # closing the listener would reset them, and sioworkersd would wait its retry delay.
+        # Take them in, to be served like the rest, then close.
+        self.socket.setblocking(False)
+        while True:
+            try:
+                request, client_address = self.socket.accept()
+            except OSError:
+                return
+            request.setblocking(True)
+            self.process_request(request, client_address)
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to return; safe from a signal handler on its own thread."""

@@ -18,6 +18,7 @@ from consumer.shim import Reject, form_data
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers.models import ReceivedResult
 from tests.conftest import FIXTURES, BrokerClient, make_settings, result_for
+from tests.helpers import wait_until
 from tests.recipeapp.models import StepLog
 
 # --- talking HTTP over a raw socket, as sioworkersd does ----------------------------------------
@@ -73,14 +74,6 @@ def good_env(**extra: Any) -> dict[str, Any]:
     env = {"group_id": f"GROUP_{uuid.uuid4().urn}", "job_id": "j", "workers_jobs.results": {}}
     env.update(extra)
     return env
-
-
-def wait_until(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # --- a real sioworkersd POST resumes the job -----------------------------------------------------
@@ -354,6 +347,32 @@ def test_sigterm_finishes_the_request_in_progress_and_refuses_new_ones(broker, s
     assert shim.proc.wait(30) == 0
     assert "HTTP shim stopped." in shim.log
     assert broker.depth() == 1
+
+
+def test_sigterm_serves_connections_still_waiting_to_be_accepted(broker, start_shim):
+    # Given one serving thread, held by a client still sending its request
+    shim = start_shim(SHIM_THREADS="1")
+    raws = [multipart_request(json.dumps(good_env()).encode()) for _ in range(4)]
+    socks = [socket.create_connection(("127.0.0.1", shim.port), timeout=30) for _ in range(4)]
+    try:
+        socks[0].sendall(raws[0][:-40])
+        time.sleep(0.5)
+        # and three whole requests behind it: one waits for the thread, one for room in the
+        # hand-off queue, one is still in the kernel's listen backlog
+        for sock, raw in zip(socks[1:], raws[1:], strict=True):
+            sock.sendall(raw)
+        time.sleep(0.5)
+        # When the shim is told to stop, and the first client finishes
+        shim.signal(signal.SIGTERM)
+        shim.wait_for_log("SIGTERM received")
+        socks[0].sendall(raws[0][-40:])
+        # Then every one of them is answered 200 and published, none reset
+        assert [read_answer(sock) for sock in socks] == [(200, b"OK")] * 4
+    finally:
+        for sock in socks:
+            sock.close()
+    assert shim.proc.wait(30) == 0
+    assert broker.depth() == 4
 
 
 # --- authentication ------------------------------------------------------------------------------
