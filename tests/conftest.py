@@ -167,6 +167,19 @@ class BrokerClient:
 
 
 @pytest.fixture
+def project_queues(settings: Any, queue_settings: Settings) -> Settings:
+    """Point the project's Django settings (commands, admin views) at this test's own queues."""
+    settings.AMQP_URL = queue_settings.amqp_url
+    settings.RESULTS_EXCHANGE = queue_settings.exchange
+    settings.RESULTS_ROUTING_KEY = queue_settings.routing_key
+    settings.RESULTS_QUEUE = queue_settings.queue
+    settings.RESULTS_DEAD_LETTER_QUEUE = queue_settings.dead_letter_queue
+    settings.RESULTS_RETRY_QUEUE = queue_settings.retry_queue
+    settings.RESULTS_QUEUE_TYPE = queue_settings.queue_type
+    return queue_settings
+
+
+@pytest.fixture
 def broker(queue_settings: Settings) -> BrokerClient:
     return BrokerClient(queue_settings)
 

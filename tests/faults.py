@@ -5,9 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -16,14 +14,6 @@ from tests.broker import RabbitNode
 
 #: The ``application_name`` consumer processes connect with, so only their sessions are cut.
 CONSUMER_APP = "oioioi-consumer"
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "it") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def consumer_database_url() -> str:

@@ -7,6 +7,7 @@ clicks its way through, as an operator would. One screenshot of each page is kep
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ from django.utils import timezone
 
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers.models import PendingRun, ReceivedResult
+from tests import helpers
 from tests.broker import free_port
 from tests.browser import CHROMIUM_ARGS, chromium_path, screenshot_path
 from tests.conftest import result_for
@@ -43,13 +45,8 @@ OPERATOR_PERMISSIONS = [
     "evalmgr.view_savedenviron",
 ]
 
-
-def wait_until(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+#: This module's waits are longer than the shared default.
+wait_until = functools.partial(helpers.wait_until, timeout=60.0)
 
 
 # --- browser, users, broker settings ---------------------------------------------------------
@@ -131,16 +128,9 @@ def messages_text(page: Any) -> str:
 
 
 @pytest.fixture
-def admin_queues(settings: Any, queue_settings: Any) -> Any:
+def admin_queues(project_queues: Any) -> Any:
     """Point the admin (Django settings) at this test's own queues."""
-    settings.AMQP_URL = queue_settings.amqp_url
-    settings.RESULTS_EXCHANGE = queue_settings.exchange
-    settings.RESULTS_ROUTING_KEY = queue_settings.routing_key
-    settings.RESULTS_QUEUE = queue_settings.queue
-    settings.RESULTS_DEAD_LETTER_QUEUE = queue_settings.dead_letter_queue
-    settings.RESULTS_RETRY_QUEUE = queue_settings.retry_queue
-    settings.RESULTS_QUEUE_TYPE = queue_settings.queue_type
-    return queue_settings
+    return project_queues
 
 
 def break_restore_function(job_id: str) -> str:

@@ -4,32 +4,17 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 import pika
 import pytest
 
-from oioioi.evalmgr.models import QueuedJob, SavedEnviron
+from oioioi.evalmgr.models import SavedEnviron
 from oioioi.workers.models import PendingRun, ReceivedResult
 from tests.conftest import result_for
+from tests.helpers import job_done, wait_until
 from tests.recipeapp.models import StepLog
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def wait_until(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def job_done(job_id):
-    return lambda: (
-        StepLog.objects.filter(job_id=job_id).exists()
-        and not QueuedJob.objects.filter(job_id=job_id).exists()
-    )
 
 
 def test_result_resumes_waiting_job_and_is_acked(broker, start_consumer, waiting_job):

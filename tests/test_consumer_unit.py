@@ -72,7 +72,9 @@ def good(tag: int) -> Delivery:
 def run(batches: list[list[Delivery]], write, probe=lambda: None, **settings: Any) -> list[Any]:
     events: list[Any] = []
     store = Store(
-        write=lambda results: (events.append(("write", [r.key for r in results])), write(results))[1],
+        write=lambda results: (events.append(("write", [r.key for r in results])), write(results))[
+            1
+        ],
         probe=probe,
         reset=lambda: events.append(("reset",)),
         after_ack=lambda: events.append(("after_ack",)),
@@ -80,8 +82,12 @@ def run(batches: list[list[Delivery]], write, probe=lambda: None, **settings: An
         transient=(Transient,),
     )
     config = Settings(
-        max_retries=2, db_retry_attempts=2, db_retry_initial=0.001, db_retry_max=0.001,
-        db_probe_max=0.001, **settings,
+        max_retries=2,
+        db_retry_attempts=2,
+        db_retry_initial=0.001,
+        db_retry_max=0.001,
+        db_probe_max=0.001,
+        **settings,
     )
     consumer = ResultsConsumer(config, store)
     consumer._transport_factory = lambda s: FakeTransport(batches, events, consumer)  # type: ignore[assignment,return-value]
@@ -111,7 +117,12 @@ def test_failed_batch_falls_back_to_single_writes():
 
     events = run([[good(1), good(2), good(3)]], write)
     writes = [e for e in events if e[0] == "write"]
-    assert writes == [("write", ["m1", "m2", "m3"]), ("write", ["m1"]), ("write", ["m2"]), ("write", ["m3"])]
+    assert writes == [
+        ("write", ["m1", "m2", "m3"]),
+        ("write", ["m1"]),
+        ("write", ["m2"]),
+        ("write", ["m3"]),
+    ]
     publish = events.index(("publish", Settings().dead_letter_queue, "rejected"))
     assert publish < events.index(("ack", 3, True))
 
@@ -122,7 +133,9 @@ def test_unexpected_error_goes_to_the_retry_queue_then_to_dead_letters():
 
     events = run([[good(1)]], write)
     assert ("publish", Settings().retry_queue, None) in events
-    events = run([[delivery(1, {"job_id": "j", "error": {}}, "m", **{"x-oioioi-retries": 2})]], write)
+    events = run(
+        [[delivery(1, {"job_id": "j", "error": {}}, "m", **{"x-oioioi-retries": 2})]], write
+    )
     assert ("publish", Settings().dead_letter_queue, "failed") in events
 
 
@@ -177,8 +190,12 @@ def test_connection_loss_during_the_write_acks_nothing_and_reconnects():
             return future.result()
 
     store = Store(
-        write=lambda rs: ["committed"] * len(rs), probe=lambda: None, reset=lambda: None,
-        after_ack=lambda: None, idle=lambda: None, transient=(Transient,),
+        write=lambda rs: ["committed"] * len(rs),
+        probe=lambda: None,
+        reset=lambda: None,
+        after_ack=lambda: None,
+        idle=lambda: None,
+        transient=(Transient,),
     )
     consumer = ResultsConsumer(Settings(reconnect_max=0.01), store)
     batches = [[good(1)], [good(1)]]

@@ -17,27 +17,13 @@ import pytest
 from consumer import deadletters, topology
 from consumer.config import Settings
 from consumer.deadletters import TopologyMismatch, TopologyMissing
-from oioioi.evalmgr.models import QueuedJob, SavedEnviron
+from oioioi.evalmgr.models import SavedEnviron
 from oioioi.workers.models import ReceivedResult
 from tests.conftest import ROOT, BrokerClient, make_settings, result_for
+from tests.helpers import job_done, wait_until
 from tests.recipeapp.models import StepLog
 
 QUEUE_TYPES = ["classic", "quorum"]
-
-
-def wait_until(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def job_done(job_id):
-    return lambda: (
-        StepLog.objects.filter(job_id=job_id).exists()
-        and not QueuedJob.objects.filter(job_id=job_id).exists()
-    )
 
 
 def channel(settings: Settings) -> tuple[pika.BlockingConnection, Any]:

@@ -10,6 +10,7 @@ against a private node with a certificate made by ``openssl`` in the test.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -17,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from consumer.config import Settings
 from consumer.errors import ConsumerError
 from consumer.publish import publish
 from oioioi.evalmgr.models import QueuedJob
+from tests import helpers
 from tests.broker import BrokerUnavailable, RabbitNode, free_port
 from tests.conftest import ROOT, ConsumerProcess, process_env, result_for
 
@@ -45,13 +46,8 @@ PASSWORDS = {
     "oioioi-consumer": "oioioi-consumer-dev",
 }
 
-
-def wait_until(predicate, timeout=40.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+#: This module's waits are longer than the shared default.
+wait_until = functools.partial(helpers.wait_until, timeout=40.0)
 
 
 # --- docker-compose.yml ------------------------------------------------------------------------

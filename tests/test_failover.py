@@ -8,8 +8,8 @@ import pytest
 
 from oioioi.workers.models import ReceivedResult
 from tests.conftest import BrokerClient, make_settings, result_for
-from tests.faults import PgFaults, consumer_database_url, queue_counts, wait_until
-from tests.test_consumer_e2e import job_done
+from tests.faults import PgFaults, consumer_database_url, queue_counts
+from tests.helpers import job_done, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 

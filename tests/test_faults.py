@@ -19,21 +19,14 @@ import pytest
 
 from consumer.errors import StaleDelivery
 from consumer.transport import Transport
-from oioioi.evalmgr.models import QueuedJob, SavedEnviron
+from oioioi.evalmgr.models import SavedEnviron
 from oioioi.workers.models import DeliveryAttempt, PendingRun, ReceivedResult
 from tests.conftest import BrokerClient, make_settings, result_for
-from tests.faults import PgFaults, consumer_database_url, queue_counts, wait_until
+from tests.faults import PgFaults, consumer_database_url, queue_counts
+from tests.helpers import job_done, wait_until
 from tests.recipeapp.models import StepLog
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def job_done(job_id: str):
-    return lambda: (
-        StepLog.objects.filter(job_id=job_id, step="after-results").exists()
-        and not QueuedJob.objects.filter(job_id=job_id).exists()
-        and not PendingRun.objects.filter(job_id=job_id).exists()
-    )
 
 
 def steps(job_id: str) -> list[str]:

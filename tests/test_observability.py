@@ -7,6 +7,7 @@ over HTTP the way a probe or Prometheus reads them.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -25,10 +26,14 @@ import pytest
 from consumer.metrics import PrometheusObserver
 from consumer.redact import MASK, Redactor, redact_text, redact_url
 from oioioi.workers.logging import HumanFormatter, JsonFormatter, logging_config
+from tests import helpers
 from tests.broker import free_port
 from tests.conftest import ROOT, make_settings, process_env, result_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+#: This module's waits are longer than the shared default.
+wait_until = functools.partial(helpers.wait_until, timeout=40.0)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -40,14 +45,6 @@ def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
-
-
-def wait_until(predicate, timeout=40.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def metric(port: int, name: str, **labels: str) -> float:

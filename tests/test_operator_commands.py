@@ -31,29 +31,16 @@ from oioioi.evalmgr.models import QueuedJob
 from oioioi.workers import receive
 from oioioi.workers.models import PendingRun, ReceivedResult
 from tests.conftest import ROOT, BrokerClient, process_env, result_for
+from tests.helpers import wait_until
 from tests.recipeapp.models import StepLog
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def wait_until(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture
-def dlq(queue_settings: Settings, settings: Any) -> Settings:
+def dlq(project_queues: Settings) -> Settings:
     """Point the project's settings at this test's queues, and declare them."""
-    settings.AMQP_URL = queue_settings.amqp_url
-    settings.RESULTS_EXCHANGE = queue_settings.exchange
-    settings.RESULTS_ROUTING_KEY = queue_settings.routing_key
-    settings.RESULTS_QUEUE = queue_settings.queue
-    settings.RESULTS_DEAD_LETTER_QUEUE = queue_settings.dead_letter_queue
-    settings.RESULTS_RETRY_QUEUE = queue_settings.retry_queue
-    settings.RESULTS_QUEUE_TYPE = queue_settings.queue_type
+    queue_settings = project_queues
     conn = pika.BlockingConnection(pika.URLParameters(queue_settings.amqp_url))
     topology.declare(conn.channel(), queue_settings)
     conn.close()

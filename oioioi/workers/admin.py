@@ -41,8 +41,19 @@ class ReceivedAgeFilter(AgeFilter):
     field_name = "received_at"
 
 
+class JobExistsMixin:
+    """Annotates each row with whether its job still exists: one query per page, not per row."""
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        return (
+            super()  # type: ignore[misc]
+            .get_queryset(request)
+            .annotate(job_exists=Exists(QueuedJob.objects.filter(job_id=OuterRef("job_id"))))
+        )
+
+
 @admin.register(ReceivedResult)
-class ReceivedResultAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class ReceivedResultAdmin(JobExistsMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = [
         "message_column",
         "outcome_column",
@@ -69,14 +80,6 @@ class ReceivedResultAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "received_at",
     )
     fields = readonly_fields
-
-    def get_queryset(self, request: HttpRequest) -> QuerySet[ReceivedResult]:
-        # One query for the whole page instead of one per row.
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(job_exists=Exists(QueuedJob.objects.filter(job_id=OuterRef("job_id"))))
-        )
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # The inbox is what makes a redelivery harmless; deleting a row would let it apply twice.
@@ -119,7 +122,7 @@ class RunAgeFilter(AgeFilter):
 
 
 @admin.register(PendingRun)
-class PendingRunAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class PendingRunAdmin(JobExistsMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = [
         "id",
         "job_column",
@@ -140,13 +143,6 @@ class PendingRunAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "environ_pretty",
     )
     fields = readonly_fields
-
-    def get_queryset(self, request: HttpRequest) -> QuerySet[PendingRun]:
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(job_exists=Exists(QueuedJob.objects.filter(job_id=OuterRef("job_id"))))
-        )
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # A pending run is a committed resume; deleting it would strand its job.
