@@ -58,7 +58,7 @@ class Store:
     reset: Callable[[], None]
     #: After the ack: hand committed work on (run the resumed recipes).
     after_ack: Callable[[], None]
-    #: When idle: pick up work others left behind (abandoned runs).
+    #: Every few seconds, busy or idle: pick up work others left behind (abandoned runs).
     idle: Callable[[], None]
     #: Database errors that are worth retrying (connection lost, lock timeout, busy, ...).
     transient: tuple[type[BaseException], ...]
@@ -92,7 +92,7 @@ class ResultsConsumer:
         self._transport_factory = transport_factory
         self.shutdown = threading.Event()
         self._db: ThreadPoolExecutor | None = None
-        self._last_idle = 0.0
+        self._last_sweep = 0.0
 
     def stop(self) -> None:
         """Take nothing new; the batch in hand is finished and settled first."""
@@ -135,8 +135,9 @@ class ResultsConsumer:
             if deliveries:
                 self.observer.received(len(deliveries))
                 self._handle(transport, deliveries)
-            else:
-                self._idle(transport)
+            # Not only when idle: under steady load a consumer is never idle, and runs a dead
+            # peer left behind would wait for the load to drop.
+            self._sweep_if_due(transport)
 
     def _handle(self, transport: Transport, deliveries: list[Delivery]) -> None:
         fresh: list[tuple[Delivery, Result]] = []
@@ -388,11 +389,11 @@ class ResultsConsumer:
         except Exception:
             log.warning("Sweeping abandoned runs at start failed.", exc_info=True)
 
-    def _idle(self, transport: Transport) -> None:
+    def _sweep_if_due(self, transport: Transport) -> None:
         now = time.monotonic()
-        if now - self._last_idle < 10 * self.settings.idle_tick:
+        if now - self._last_sweep < 10 * self.settings.idle_tick:
             return
-        self._last_idle = now
+        self._last_sweep = now
 
         def idle() -> None:
             # The sweep is also how an idle consumer learns whether its database answers,

@@ -214,3 +214,25 @@ def test_a_delivery_from_an_earlier_channel_is_never_acked(stale):
     transport.generation = 2
     with pytest.raises(StaleDelivery):
         transport.ack(Delivery(5, b"", Properties(), False, 1))
+
+
+def test_abandoned_runs_are_swept_under_steady_load_not_after_every_batch():
+    # Every receive returns work (the consumer is never idle); with a sweep due at every turn
+    # (idle_tick=0) it still happens, and after_ack alone never looks for abandoned runs.
+    events: list[Any] = []
+    store = Store(
+        write=lambda rs: ["committed"] * len(rs),
+        probe=lambda: None,
+        reset=lambda: None,
+        after_ack=lambda: events.append(("after_ack",)),
+        idle=lambda: events.append(("sweep",)),
+        transient=(Transient,),
+    )
+    consumer = ResultsConsumer(Settings(idle_tick=0.0), store)
+    batches = [[good(1)], [good(2)], [good(3)]]
+    consumer._transport_factory = lambda s: FakeTransport(batches, events, consumer)  # type: ignore[assignment,return-value]
+    consumer.run()
+    kinds = [e[0] for e in events]
+    # One sweep at start, then one after each batch's ack and run.
+    assert kinds[:4] == ["sweep", "ack", "after_ack", "sweep"]
+    assert kinds.count("ack") == 3 and kinds.count("sweep") >= 4

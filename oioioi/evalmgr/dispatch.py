@@ -49,8 +49,9 @@ class Dispatcher:
     def dispatch(self, environ: dict[str, Any], **extra: Any) -> str:
         raise NotImplementedError
 
-    def run_pending(self, limit: int | None = None) -> int:
-        """Run what this process dispatched, then any abandoned runs; returns how many ran."""
+    def run_pending(self, limit: int | None = None, *, sweep: bool = True) -> int:
+        """Run what this process dispatched, then (with ``sweep``) any abandoned runs; returns
+        how many ran."""
         return 0
 
 
@@ -113,7 +114,7 @@ class LocalDispatcher(Dispatcher):
         transaction.on_commit(lambda: self._ready.append(run.pk))
         return f"run-{run.pk}"
 
-    def run_pending(self, limit: int | None = None) -> int:
+    def run_pending(self, limit: int | None = None, *, sweep: bool = True) -> int:
         from oioioi.workers.models import PendingRun
 
         ran = 0
@@ -136,7 +137,7 @@ class LocalDispatcher(Dispatcher):
             for pk, preclaimed in claimed.items():
                 self._held.pop(pk, None)
                 ran += self._run(pk, preclaimed=preclaimed)
-        if limit is None or ran < limit:
+        if sweep and (limit is None or ran < limit):
             abandoned = (
                 PendingRun.objects.filter(attempts__lt=MAX_ATTEMPTS)
                 .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=timezone.now()))

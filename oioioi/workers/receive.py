@@ -166,8 +166,8 @@ def write(results: Sequence[Result]) -> list[str]:
     close_old_connections()
     if not _bulk_inbox():
         return _write_row_by_row(results)
-    # Refused before anything is written: the batch then falls back to one message at a time,
-    # and this one is dead-lettered on its own.
+    # The consumer refuses these before the batch (Store.check); checked again here so that no
+    # caller can write half a batch before a refused environ fails it.
     for result in results:
         check_environ(result.env)
     outcomes = ["duplicate"] * len(results)
@@ -236,7 +236,9 @@ def reset() -> None:
 
 
 def after_ack() -> None:
-    get_dispatcher().run_pending()
+    # Only what this batch resumed: looking for abandoned runs is the periodic sweep's job
+    # (``idle``), not a query after every batch.
+    get_dispatcher().run_pending(sweep=False)
 
 
 def idle() -> None:
