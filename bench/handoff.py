@@ -9,5 +9,6 @@ class HandOffOnly(LocalDispatcher):
     """Writes each resumed job's ``PendingRun`` as the local dispatcher does, and runs none of
     them: what the consumer would do if the recipes ran in another process."""
 
-    def run_pending(self, limit: int | None = None) -> int:
+    def run_pending(self, limit: int | None = None, *, sweep: bool = True) -> int:
+        self._ready.clear()  # left for another process: this one forgets them
         return 0

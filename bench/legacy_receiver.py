@@ -55,7 +55,7 @@ class CeleryLikeDispatcher:
         self._channel.basic_publish("", self.queue, body.encode(), self._props)
         return task_id
 
-    def run_pending(self, limit: int | None = None) -> int:
+    def run_pending(self, limit: int | None = None, *, sweep: bool = True) -> int:
         return 0
 
 

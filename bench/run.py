@@ -380,6 +380,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, help="Runs of each configuration (median shown).")
     parser.add_argument("--memory-count", type=int, help="Messages in the long drain.")
     parser.add_argument(
+        "--e2e-rate", type=float, default=200.0, help="Offered rate of the end-to-end run, per s."
+    )
+    parser.add_argument(
         "--pg-url",
         default=os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
         help="A PostgreSQL database to connect to for creating and dropping the benchmark's own.",
@@ -416,7 +419,7 @@ def main() -> int:
                 sections=[s for s in args.only.split(",") if s],
                 sizes=[s for s in args.sizes.split(",") if s],
                 clients=[1, 8],
-                e2e_rate=200.0,
+                e2e_rate=args.e2e_rate,
                 amqp_url=args.amqp_url,
                 log_dir=str(tmp),
                 database_url=db.url,

@@ -25,11 +25,16 @@ FIXTURES = Path(os.environ.get("OIOIOI_FIXTURES", ROOT / "tests" / "fixtures"))
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Tests about locking and concurrency run in the PostgreSQL pass of the suite (see .ci/run);
-    # the SQLite pass deselects them (deselected, not skipped) and the PostgreSQL pass runs only them.
+    # the SQLite pass deselects them (deselected, not skipped) and the PostgreSQL pass runs only
+    # them, and the tests of SQL written for both databases (marked both_databases).
     on_postgres = bool(os.environ.get("TEST_DATABASE_URL"))
     keep, drop = [], []
     for item in items:
-        (keep if bool(item.get_closest_marker("postgres")) == on_postgres else drop).append(item)
+        if item.get_closest_marker("postgres"):
+            wanted = on_postgres
+        else:
+            wanted = not on_postgres or bool(item.get_closest_marker("both_databases"))
+        (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -24,7 +24,7 @@ from oioioi.workers.models import PendingRun, ReceivedResult
 from tests.conftest import result_for
 from tests.recipeapp.models import StepLog
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.both_databases]
 
 
 def as_result(env: dict[str, Any], message_id: str) -> Result:

@@ -20,18 +20,19 @@ import json
 import logging
 import os
 import socket
-import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from oioioi.evalmgr.batch import run_recipes
+from oioioi.evalmgr.sql import delete_in, insert_returning, select_in, update_each
 from oioioi.evalmgr.tasks import INFRASTRUCTURE_ERRORS, Ignore, LeaseLost, evalmgr_job
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 #: How long a claim holds before another runner may take the run over, unless
 #: ``settings.EVALMGR_RUN_LEASE_SECONDS`` says otherwise; must exceed one phase.
 LEASE = timedelta(seconds=300)
+#: How long the claim of a run written by the process that will run it holds before another
+#: runner may take it over: how long a run waits when that process dies before running it.
+HANDOFF = timedelta(seconds=30)
 #: Claims after which a run is left alone for an operator (it keeps killing its runner).
 MAX_ATTEMPTS = 5
 
@@ -48,6 +52,13 @@ class Dispatcher:
 
     def dispatch(self, environ: dict[str, Any], **extra: Any) -> str:
         raise NotImplementedError
+
+    def dispatch_many(
+        self, environs: Sequence[dict[str, Any]], *, run_here: bool = False
+    ) -> list[str]:
+        """:meth:`dispatch` each, in order; a dispatcher may do it with fewer statements.
+        ``run_here`` says that the caller will call :meth:`run_pending` right after its commit."""
+        return [self.dispatch(environ) for environ in environs]
 
     def run_pending(self, limit: int | None = None, *, sweep: bool = True) -> int:
         """Run what this process dispatched, then (with ``sweep``) any abandoned runs; returns
@@ -60,10 +71,17 @@ def lease() -> timedelta:
     return LEASE if seconds is None else timedelta(seconds=seconds)
 
 
+def handoff_lease() -> timedelta:
+    return min(lease(), HANDOFF)
+
+
 class _ClaimedRun:
+    """One claimed run, for :func:`~oioioi.evalmgr.tasks.evalmgr_job`."""
+
     def __init__(self, pk: int, token: str) -> None:
         self.pk = pk
         self.token = token
+        self._finished = False
 
     def _mine(self) -> Any:
         from oioioi.workers.models import PendingRun
@@ -78,41 +96,111 @@ class _ClaimedRun:
             raise LeaseLost(f"run {self.pk} was taken over by another runner")
 
     def finish(self) -> None:
+        if self._finished:
+            # A transfer ends its run with the job's save; a transfer call that then fails
+            # brings evalmgr_job here a second time.
+            return
         deleted, _ = self._mine().delete()
         if not deleted:
             raise LeaseLost(f"run {self.pk} was taken over by another runner")
+        self._finished = True
 
 
-@dataclass(frozen=True)
-class _Preclaimed:
-    """A run claimed together with others of its batch, and read with them."""
+class _ClaimedBatch:
+    """The runs of one batch claim (one token), for :func:`~oioioi.evalmgr.batch.run_recipes`."""
 
-    token: str
-    claimed_at: float
-    environ: str
-    job_id: str
+    def __init__(self, token: str) -> None:
+        self.token = token
 
-    def stale(self) -> bool:
-        return time.monotonic() - self.claimed_at > lease().total_seconds() / 2
+    def keep(self, keys: Collection[int]) -> set[int]:
+        from oioioi.workers.models import PendingRun
+
+        # A lock, not a renewal: while the caller's transaction holds the rows, no other runner
+        # can take them over, and a checkpoint renews the lease before the lock is let go.
+        rows = select_in(
+            PendingRun, ["id"], "id", list(keys), where={"claimed_by": self.token}, lock=True
+        )
+        return {pk for (pk,) in rows}
+
+    def checkpoint(self, environs: Mapping[int, str]) -> None:
+        from oioioi.workers.models import PendingRun
+
+        update_each(
+            PendingRun,
+            "id",
+            "environ",
+            environs,
+            also={"claimed_until": timezone.now() + lease()},
+            where={"claimed_by": self.token},
+        )
+
+    def finish(self, keys: Collection[int]) -> None:
+        from oioioi.workers.models import PendingRun
+
+        delete_in(PendingRun, "id", list(keys), where={"claimed_by": self.token})
 
 
 class LocalDispatcher(Dispatcher):
-    """Durable hand-off; runs the recipes in this process, after the caller's commit and ack."""
+    """Durable hand-off; runs the recipes in this process, after the caller's commit and ack.
+
+    The runs a process dispatched itself are run as a batch (:func:`~oioioi.evalmgr.batch.
+    run_recipes`); runs taken over from a runner that died are run one at a time, so that a job
+    that kills its runner is charged its attempts alone.
+    """
 
     def __init__(self) -> None:
-        self._ready: list[int] = []
+        #: Runs this process dispatched and claimed, waiting for their batch to run: the claim's
+        #: token and each run's environ (JSON) by primary key.
+        self._ready: list[tuple[str, dict[int, str]]] = []
         #: Runs this process still holds the claim of, stopped by the database going away: run
         #: again by this process at once, rather than by anyone after the lease has expired.
         #: Maps to the claim's token and how often the run stopped that way in a row.
         self._held: dict[int, tuple[str, int]] = {}
         self._token_prefix = f"{socket.gethostname()}:{os.getpid()}"
 
+    def _token(self) -> str:
+        return f"{self._token_prefix}:{uuid.uuid4().hex[:12]}"
+
     def dispatch(self, environ: dict[str, Any], **extra: Any) -> str:
         from oioioi.workers.models import PendingRun
 
+        # Left unclaimed: whoever sweeps first runs it (this process, if it runs recipes).
         run = PendingRun.objects.create(job_id=environ["job_id"], environ=json.dumps(environ))
-        transaction.on_commit(lambda: self._ready.append(run.pk))
         return f"run-{run.pk}"
+
+    def dispatch_many(
+        self, environs: Sequence[dict[str, Any]], *, run_here: bool = False
+    ) -> list[str]:
+        """Write a run for each environ; with ``run_here`` (the caller calls
+        :meth:`run_pending` after its commit) they are claimed for this process, so that no
+        statement is spent claiming them, for a short hand-off lease in case it dies first."""
+        from oioioi.workers.models import PendingRun
+
+        job_ids = [env["job_id"] for env in environs]
+        if not connection.features.can_return_rows_from_bulk_insert or len(set(job_ids)) != len(
+            job_ids
+        ):
+            return super().dispatch_many(environs)
+        now = timezone.now()
+        texts = [json.dumps(env) for env in environs]
+        rows: list[tuple[Any, ...]]
+        if run_here:
+            token: str | None = self._token()
+            names = ["job_id", "environ", "created_at", "claimed_by", "claimed_until", "attempts"]
+            rows = [
+                (job_id, text, now, token, now + handoff_lease(), 1)
+                for job_id, text in zip(job_ids, texts, strict=True)
+            ]
+        else:
+            token = None
+            names = ["job_id", "environ", "created_at", "attempts"]
+            rows = [(job_id, text, now, 0) for job_id, text in zip(job_ids, texts, strict=True)]
+        pk_of = dict(insert_returning(PendingRun, names, rows, ["job_id", "id"]))
+        pks = [pk_of[job_id] for job_id in job_ids]
+        if token is not None:
+            batch = (token, dict(zip(pks, texts, strict=True)))
+            transaction.on_commit(lambda: self._ready.append(batch))
+        return [f"run-{pk}" for pk in pks]
 
     def run_pending(self, limit: int | None = None, *, sweep: bool = True) -> int:
         from oioioi.workers.models import PendingRun
@@ -124,19 +212,10 @@ class LocalDispatcher(Dispatcher):
         for pk in list(self._held):
             tried.append(pk)
             ran += self._run(pk, *self._held.pop(pk))
-        ready = list(self._ready)
-        if ready:
-            claimed = self._claim_ready(ready)
-            # Claimed runs count as held until each is tried: if this call ends midway, the
-            # next one renews their claim and runs them (the unclaimed are someone else's).
-            for pk in ready:
-                self._ready.remove(pk)
-                tried.append(pk)
-                if pk in claimed:
-                    self._held[pk] = (claimed[pk].token, 0)
-            for pk, preclaimed in claimed.items():
-                self._held.pop(pk, None)
-                ran += self._run(pk, preclaimed=preclaimed)
+        while self._ready:
+            token, environs = self._ready.pop(0)
+            tried.extend(environs)
+            ran += self._run_batch(token, environs)
         if sweep and (limit is None or ran < limit):
             abandoned = (
                 PendingRun.objects.filter(attempts__lt=MAX_ATTEMPTS)
@@ -149,27 +228,23 @@ class LocalDispatcher(Dispatcher):
                 ran += self._run(pk)
         return ran
 
-    def _claim_ready(self, pks: list[int]) -> dict[int, _Preclaimed]:
-        """Claim the runs this process dispatched, all with one statement, and read them.
+    def _run_batch(self, token: str, environs: dict[int, str]) -> int:
+        # Held until each has run: if the database goes away midway, the next call renews
+        # their claims and runs each on its own, from its last checkpoint.
+        for pk in environs:
+            self._held[pk] = (token, 0)
+        done_alone: set[int] = set()
 
-        The claim and the read commit together, so a failure leaves none of them claimed (they
-        stay ready). One claim for a whole batch saves two statements and a commit per run.
-        """
-        from oioioi.workers.models import PendingRun
+        def alone(pk: int, environ: dict[str, Any]) -> None:
+            done_alone.add(pk)
+            self._held.pop(pk, None)
+            self._execute(pk, _ClaimedRun(pk, token), environ, 0)
 
-        token = f"{self._token_prefix}:{uuid.uuid4().hex[:12]}"
-        now = timezone.now()
-        claimed_at = time.monotonic()
-        with transaction.atomic():
-            PendingRun.objects.filter(pk__in=pks, attempts__lt=MAX_ATTEMPTS).filter(
-                Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
-            ).update(claimed_by=token, claimed_until=now + lease(), attempts=F("attempts") + 1)
-            rows = PendingRun.objects.filter(pk__in=pks, claimed_by=token).values_list(
-                "pk", "environ", "job_id"
-            )
-            return {
-                pk: _Preclaimed(token, claimed_at, environ, job_id) for pk, environ, job_id in rows
-            }
+        ran = run_recipes(environs, _ClaimedBatch(token), alone)
+        for pk in environs:
+            if pk not in done_alone:
+                self._held.pop(pk, None)
+        return ran
 
     def _claim(self, pk: int, held: str | None = None) -> _ClaimedRun | None:
         from oioioi.workers.models import PendingRun
@@ -183,7 +258,7 @@ class LocalDispatcher(Dispatcher):
                     claimed_until=now + lease()
                 )
             else:
-                token = f"{self._token_prefix}:{uuid.uuid4().hex[:12]}"
+                token = self._token()
                 claimed = (
                     PendingRun.objects.filter(pk=pk, attempts__lt=MAX_ATTEMPTS)
                     .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now))
@@ -199,47 +274,38 @@ class LocalDispatcher(Dispatcher):
         if token is not None and stops < MAX_ATTEMPTS:
             self._held[pk] = (token, stops)
 
-    def _run(
-        self,
-        pk: int,
-        held: str | None = None,
-        stops: int = 0,
-        preclaimed: _Preclaimed | None = None,
-    ) -> int:
+    def _run(self, pk: int, held: str | None = None, stops: int = 0) -> int:
+        """Claim one run (or renew a claim held) and run it; returns 1 if it ran."""
         from oioioi.workers.models import PendingRun
 
-        if preclaimed is not None and not preclaimed.stale():
-            run: _ClaimedRun | None = _ClaimedRun(pk, preclaimed.token)
-            row: tuple[str, str] | None = (preclaimed.environ, preclaimed.job_id)
-        else:
-            # A claim made for a whole batch is renewed first if the runs before this one took
-            # long enough to bring its lease near its end.
-            token = held if preclaimed is None else preclaimed.token
-            try:
-                run = self._claim(pk, token)
-                if run is None:
-                    return 0
-                token = run.token
-                row = PendingRun.objects.filter(pk=pk).values_list("environ", "job_id").first()
-            except INFRASTRUCTURE_ERRORS:
-                self._hold(pk, token, stops)
-                raise
-        if run is None or row is None:
+        try:
+            run = self._claim(pk, held)
+            if run is None:
+                return 0
+            held = run.token
+            text = PendingRun.objects.filter(pk=pk).values_list("environ", flat=True).first()
+        except INFRASTRUCTURE_ERRORS:
+            self._hold(pk, held, stops)
+            raise
+        if text is None:
             return 0
-        environ = json.loads(row[0])
+        self._execute(pk, run, json.loads(text), stops)
+        return 1
+
+    def _execute(self, pk: int, run: _ClaimedRun, environ: dict[str, Any], stops: int) -> None:
+        job_id = environ.get("job_id")
         try:
             evalmgr_job(environ, run=run)
         except Ignore:
-            log.info("Job %r was cancelled; its run ended.", row[1])
+            log.info("Job %r was cancelled; its run ended.", job_id)
         except LeaseLost:
-            log.warning("Run %r of job %r was taken over by another runner.", pk, row[1])
+            log.warning("Run %r of job %r was taken over by another runner.", pk, job_id)
         except INFRASTRUCTURE_ERRORS:
             self._hold(pk, run.token, stops + 1)
-            log.warning("Run %r of job %r stopped; it will be retried.", pk, row[1], exc_info=True)
+            log.warning("Run %r of job %r stopped; it will be retried.", pk, job_id, exc_info=True)
         except Exception:
             # evalmgr_job ran the error handlers and finished the run; the job is over.
-            log.exception("Job %r failed in its recipe.", row[1])
-        return 1
+            log.exception("Job %r failed in its recipe.", job_id)
 
 
 _dispatcher: Dispatcher | None = None

@@ -26,7 +26,9 @@ from django.utils import timezone
 from consumer.consumer import Store
 from consumer.decode import Result
 from consumer.errors import RejectedEnviron
+from oioioi.evalmgr.batch import delay_environs
 from oioioi.evalmgr.dispatch import get_dispatcher
+from oioioi.evalmgr.sql import insert_returning
 from oioioi.evalmgr.tasks import delay_environ
 from oioioi.workers.models import DeliveryAttempt, ReceivedResult
 
@@ -113,24 +115,15 @@ def _insert_inbox(results: Sequence[Result]) -> set[str]:
     rows = sorted(
         {r.key: _inbox_values(r, now) for r in reversed(results)}.values(), key=lambda v: v["key"]
     )
-    meta = ReceivedResult._meta
-    by_name = {f.name: f for f in meta.concrete_fields}
-    fields = [by_name[name] for name in rows[0]]
-    quote = connection.ops.quote_name
-    key_column = quote(str(by_name["key"].column))
-    columns = ", ".join(quote(str(f.column)) for f in fields)
-    head = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES "
-    tail = f" ON CONFLICT ({key_column}) DO NOTHING RETURNING {key_column}"
-    one_row = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    chunk = max(1, connection.ops.bulk_batch_size(fields, rows))
-    fresh: set[str] = set()
-    with connection.cursor() as cursor:
-        for start in range(0, len(rows), chunk):
-            part = rows[start : start + chunk]
-            params = [f.get_db_prep_save(row[f.name], connection) for row in part for f in fields]
-            cursor.execute(head + ", ".join([one_row] * len(part)) + tail, params)
-            fresh.update(key for (key,) in cursor.fetchall())
-    return fresh
+    names = list(rows[0])
+    inserted = insert_returning(
+        ReceivedResult,
+        names,
+        [[row[name] for name in names] for row in rows],
+        ["key"],
+        skip_conflicts_on="key",
+    )
+    return {key for (key,) in inserted}
 
 
 class ReadOnlyDatabase(OperationalError):
@@ -171,18 +164,20 @@ def write(results: Sequence[Result]) -> list[str]:
     for result in results:
         check_environ(result.env)
     outcomes = ["duplicate"] * len(results)
-    ignored: list[str] = []
     with transaction.atomic(durable=True):
         fresh = _insert_inbox(results)
+        applied: list[Result] = []
         for i, result in enumerate(results):
             if result.key not in fresh:
                 continue
             fresh.discard(result.key)  # a second copy within the batch is a duplicate
-            if delay_environ(dict(result.env)) is None:
-                ignored.append(result.key)
+            applied.append(result)
             outcomes[i] = "committed"
-        if ignored:
-            ReceivedResult.objects.filter(key__in=ignored).update(outcome="ignored")
+        if applied:
+            handles = delay_environs([dict(result.env) for result in applied], run_here=True)
+            ignored = [r.key for r, h in zip(applied, handles, strict=True) if h is None]
+            if ignored:
+                ReceivedResult.objects.filter(key__in=ignored).update(outcome="ignored")
     return outcomes
 
 

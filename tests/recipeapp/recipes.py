@@ -106,3 +106,33 @@ def crash_after_commit_restore(
         transaction.on_commit(lambda: os._exit(137))
     saved_environ.update(resuming_environ)
     return saved_environ
+
+
+def fail(env: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """A phase with a bug."""
+    raise ValueError(f"phase failed for {env['job_id']}")
+
+
+def fail_once(env: dict[str, Any], flag: str, **kwargs: Any) -> dict[str, Any]:
+    """A phase that loses the database (the first time, while the file ``flag`` exists)."""
+    from django.db import OperationalError
+
+    if os.path.exists(flag):
+        os.remove(flag)
+        raise OperationalError("server closed the connection unexpectedly")
+    return env
+
+
+def take_over(env: dict[str, Any], job_id: str, **kwargs: Any) -> dict[str, Any]:
+    """Hand the run of another job to another runner, as one whose lease had expired would."""
+    from oioioi.workers.models import PendingRun
+
+    PendingRun.objects.filter(job_id=job_id).update(claimed_by="elsewhere")
+    return env
+
+
+def failing_restore(
+    saved_environ: dict[str, Any], resuming_environ: dict[str, Any]
+) -> dict[str, Any]:
+    """A restore function with a bug."""
+    raise ValueError("restore failed")
