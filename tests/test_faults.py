@@ -496,9 +496,10 @@ def test_killed_between_commit_and_ack_the_redelivery_is_a_duplicate_and_the_job
     first = start_consumer()
     broker.publish_env(result_for(sent), message_id="committed-then-killed")
     assert first.proc.wait(30) == 137
-    # The write committed (with its pending run); the ack never happened.
+    # The write committed (with its pending run, claimed by the dead consumer for the hand-off
+    # lease); the ack never happened.
     assert ReceivedResult.objects.filter(key="committed-then-killed").exists()
-    assert PendingRun.objects.filter(job_id=sent["job_id"], attempts=0).exists()
+    assert PendingRun.objects.filter(job_id=sent["job_id"], attempts=1).exists()
     flag.unlink()
     second = start_consumer()
     wait_until(job_done(sent["job_id"]), timeout=30, what="the job after the kill")

@@ -82,7 +82,9 @@ def test_a_result_for_a_job_already_resumed_is_recorded_as_ignored(waiting_job, 
     assert PendingRun.objects.count() == 1
 
 
-def test_an_environ_the_domain_refuses_fails_the_batch_before_anything_is_written(waiting_job, inbox_path):
+def test_an_environ_the_domain_refuses_fails_the_batch_before_anything_is_written(
+    waiting_job, inbox_path
+):
     good = as_result(result_for(waiting_job()), "good")
     bad = as_result({"workers_jobs.results": {}, "job_id": "j", "saved_environ_id": "7"}, "bad")
     with pytest.raises(RejectedEnviron):

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 LEASE = timedelta(seconds=300)
 #: How long the claim of a run written by the process that will run it holds before another
 #: runner may take it over: how long a run waits when that process dies before running it.
-HANDOFF = timedelta(seconds=30)
+HANDOFF = timedelta(seconds=10)
 #: Claims after which a run is left alone for an operator (it keeps killing its runner).
 MAX_ATTEMPTS = 5
 
@@ -220,7 +220,9 @@ class LocalDispatcher(Dispatcher):
             abandoned = (
                 PendingRun.objects.filter(attempts__lt=MAX_ATTEMPTS)
                 .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=timezone.now()))
-                .exclude(pk__in=[*tried, *self._held])
+                .exclude(
+                    pk__in=[*tried, *self._held, *(pk for _, runs in self._ready for pk in runs)]
+                )
                 .order_by("pk")
                 .values_list("pk", flat=True)
             )
