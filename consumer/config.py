@@ -27,8 +27,13 @@ class Settings:
     #: Retries of an unexpected write error, through the retry queue, before dead-lettering.
     max_retries: int = 5
     retry_delay_ms: int = 10_000
-    prefetch: int = 64
-    batch_size: int = 32
+    #: Deliveries the broker may push ahead of the acks; twice a batch, so that the next batch is
+    #: there when one is written. Each is held in memory: at most this many message bodies.
+    prefetch: int = 200
+    #: Most results written in one transaction, and most bytes of their bodies (a batch of large
+    #: environs is cut short: decoded, 1 MB of JSON takes several MB of memory).
+    batch_size: int = 100
+    batch_bytes: int = 8 * 1024 * 1024
     heartbeat: int = 30
     blocked_connection_timeout: float = 60.0
     #: Seconds of quiet after which the loop looks at its shutdown flag and sweeps.
@@ -44,6 +49,8 @@ class Settings:
             raise ValueError(f"queue_type must be 'quorum' or 'classic', not {self.queue_type!r}")
         if self.batch_size < 1 or self.prefetch < self.batch_size:
             raise ValueError("need 1 <= batch_size <= prefetch")
+        if self.batch_bytes < 1:
+            raise ValueError("batch_bytes must be at least 1")
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

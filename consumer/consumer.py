@@ -131,7 +131,9 @@ class ResultsConsumer:
 
     def _consume(self, transport: Transport) -> None:
         while not self.shutdown.is_set():
-            deliveries = transport.receive(self.settings.batch_size, self.settings.idle_tick)
+            deliveries = transport.receive(
+                self.settings.batch_size, self.settings.idle_tick, self.settings.batch_bytes
+            )
             if deliveries:
                 self.observer.received(len(deliveries))
                 self._handle(transport, deliveries)

@@ -173,8 +173,11 @@ class Transport:
     def _on_cancel(self, frame: Any) -> None:
         self._cancelled = True
 
-    def receive(self, max_count: int, timeout: float) -> list[Delivery]:
-        """Up to ``max_count`` deliveries: waits at most ``timeout`` seconds for the first."""
+    def receive(
+        self, max_count: int, timeout: float, max_bytes: int | None = None
+    ) -> list[Delivery]:
+        """Up to ``max_count`` deliveries, and bodies of ``max_bytes`` in all (but at least one
+        delivery): waits at most ``timeout`` seconds for the first."""
         with _wrapped():
             if not self._pending:
                 self._connection.process_data_events(time_limit=timeout)
@@ -184,7 +187,11 @@ class Transport:
         if self._cancelled:
             raise ConsumerCancelled("the broker cancelled the consumer")
         batch: list[Delivery] = []
+        size = 0
         while self._pending and len(batch) < max_count:
+            size += len(self._pending[0].body)
+            if batch and max_bytes is not None and size > max_bytes:
+                break
             batch.append(self._pending.popleft())
         if batch and not any(d.redelivered for d in batch):
             # A quorum queue charges a delivery to every message a dead consumer held: a fresh

@@ -139,9 +139,11 @@ RESULTS_DELIVERY_LIMIT = _env_int("RESULTS_DELIVERY_LIMIT", 20)
 RESULTS_MAX_RETRIES = _env_int("RESULTS_MAX_RETRIES", 5)
 #: How long a message waits in the retry queue before it returns to the results queue.
 RESULTS_RETRY_DELAY_MS = _env_int("RESULTS_RETRY_DELAY_MS", 10_000)
-#: Unacknowledged deliveries the broker may push ahead; also the largest batch written at once.
-RESULTS_PREFETCH = _env_int("RESULTS_PREFETCH", 64)
-RESULTS_BATCH_SIZE = _env_int("RESULTS_BATCH_SIZE", 32)
+#: Unacknowledged deliveries the broker may push ahead (held in the consumer's memory).
+RESULTS_PREFETCH = _env_int("RESULTS_PREFETCH", 200)
+#: Most results written in one transaction, and most bytes of their message bodies.
+RESULTS_BATCH_SIZE = _env_int("RESULTS_BATCH_SIZE", 100)
+RESULTS_BATCH_BYTES = _env_int("RESULTS_BATCH_BYTES", 8 * 1024 * 1024)
 AMQP_HEARTBEAT = _env_int("AMQP_HEARTBEAT", 30)
 AMQP_BLOCKED_CONNECTION_TIMEOUT = _env_float("AMQP_BLOCKED_CONNECTION_TIMEOUT", 60.0)
 

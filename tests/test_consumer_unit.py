@@ -41,7 +41,9 @@ class FakeTransport:
     def __exit__(self, *exc: object) -> None:
         self.events.append(("close",))
 
-    def receive(self, max_count: int, timeout: float) -> list[Delivery]:
+    def receive(
+        self, max_count: int, timeout: float, max_bytes: int | None = None
+    ) -> list[Delivery]:
         if not self.batches:
             self.consumer.stop()
             return []

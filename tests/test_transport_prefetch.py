@@ -69,3 +69,27 @@ def test_the_delivery_in_hand_is_still_acked_after_the_consumer_restarts(amqp_ur
     finally:
         conn.close()
     assert depth == 0
+
+
+def test_a_batch_is_cut_at_its_byte_limit_but_never_empty(amqp_url):
+    settings = make_settings(amqp_url, prefetch=16, batch_size=16)
+    with Transport(settings) as transport:
+        # Given a small message, then five of 100 kB, then one of 300 kB
+        conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+        channel = conn.channel()
+        channel.confirm_delivery()
+        for body in [b"s", *[b"x" * 100_000] * 5, b"y" * 300_000]:
+            channel.basic_publish(settings.exchange, settings.routing_key, body)
+        conn.close()
+        sizes: list[list[int]] = []
+        deadline = time.monotonic() + 20
+        while sum(len(b) for b in sizes) < 7:
+            assert time.monotonic() < deadline, f"received {sizes}"
+            # Let the broker push everything ahead first, so the limit is what cuts the batches.
+            time.sleep(0.2)
+            batch = transport.receive(16, 0.2, max_bytes=250_000)
+            if batch:
+                sizes.append([len(d.body) for d in batch])
+                transport.ack(batch[-1], multiple=True)
+    # Then each batch stays within 250 kB, except the message larger than that, which is alone
+    assert sizes == [[1], [100_000, 100_000], [100_000, 100_000], [100_000], [300_000]]

@@ -274,8 +274,12 @@ def run_recipes(
     environs: Mapping[K, str],
     runs: Runs[K],
     alone: Callable[[K, dict[str, Any]], None],
+    *,
+    parsed: Mapping[K, dict[str, Any]] | None = None,
 ) -> int:
-    """Run the recipes of claimed runs (environ JSON by run) as ``evalmgr_job(env, run)`` does.
+    """Run the recipes of claimed runs (environ JSON by run) as ``evalmgr_job(env, run)`` does;
+    returns how many runs it took. ``parsed`` may give environs already decoded from that JSON,
+    which are then the runner's to change.
 
     The jobs go PROGRESS together, then run in rounds: one phase of every job still running, in
     one transaction that also checkpoints each, finishes the jobs left without a recipe and parks
@@ -296,7 +300,7 @@ def run_recipes(
 
     ready: dict[K, dict[str, Any]] = {}
     for key, text in environs.items():
-        env = json.loads(text)
+        env = parsed[key] if parsed is not None and key in parsed else json.loads(text)
         if "job_id" in env and "recipe" in env and "error" not in env:
             ready[key] = env
         else:

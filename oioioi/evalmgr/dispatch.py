@@ -150,8 +150,9 @@ class LocalDispatcher(Dispatcher):
 
     def __init__(self) -> None:
         #: Runs this process dispatched and claimed, waiting for their batch to run: the claim's
-        #: token and each run's environ (JSON) by primary key.
-        self._ready: list[tuple[str, dict[int, str]]] = []
+        #: token, and each run's environ by primary key, as JSON and as the dict it was made from
+        #: (so that the runner does not parse again what the writer has just serialised).
+        self._ready: list[tuple[str, dict[int, tuple[str, dict[str, Any]]]]] = []
         #: Runs this process still holds the claim of, stopped by the database going away: run
         #: again by this process at once, rather than by anyone after the lease has expired.
         #: Maps to the claim's token and how often the run stopped that way in a row.
@@ -173,7 +174,8 @@ class LocalDispatcher(Dispatcher):
     ) -> list[str]:
         """Write a run for each environ; with ``run_here`` (the caller calls
         :meth:`run_pending` after its commit) they are claimed for this process, so that no
-        statement is spent claiming them, for a short hand-off lease in case it dies first."""
+        statement is spent claiming them, for a short hand-off lease in case it dies first, and
+        the environs themselves are what the runner gets: the caller must not use them after."""
         from oioioi.workers.models import PendingRun
 
         job_ids = [env["job_id"] for env in environs]
@@ -198,7 +200,7 @@ class LocalDispatcher(Dispatcher):
         pk_of = dict(insert_returning(PendingRun, names, rows, ["job_id", "id"]))
         pks = [pk_of[job_id] for job_id in job_ids]
         if token is not None:
-            batch = (token, dict(zip(pks, texts, strict=True)))
+            batch = (token, dict(zip(pks, zip(texts, environs, strict=True), strict=True)))
             transaction.on_commit(lambda: self._ready.append(batch))
         return [f"run-{pk}" for pk in pks]
 
@@ -230,7 +232,7 @@ class LocalDispatcher(Dispatcher):
                 ran += self._run(pk)
         return ran
 
-    def _run_batch(self, token: str, environs: dict[int, str]) -> int:
+    def _run_batch(self, token: str, environs: dict[int, tuple[str, dict[str, Any]]]) -> int:
         # Held until each has run: if the database goes away midway, the next call renews
         # their claims and runs each on its own, from its last checkpoint.
         for pk in environs:
@@ -242,7 +244,9 @@ class LocalDispatcher(Dispatcher):
             self._held.pop(pk, None)
             self._execute(pk, _ClaimedRun(pk, token), environ, 0)
 
-        ran = run_recipes(environs, _ClaimedBatch(token), alone)
+        texts = {pk: text for pk, (text, _) in environs.items()}
+        parsed = {pk: env for pk, (_, env) in environs.items()}
+        ran = run_recipes(texts, _ClaimedBatch(token), alone, parsed=parsed)
         for pk in environs:
             if pk not in done_alone:
                 self._held.pop(pk, None)

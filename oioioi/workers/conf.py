@@ -25,6 +25,7 @@ def consumer_settings(**overrides: Any) -> Settings:
         "retry_delay_ms": s.RESULTS_RETRY_DELAY_MS,
         "prefetch": s.RESULTS_PREFETCH,
         "batch_size": s.RESULTS_BATCH_SIZE,
+        "batch_bytes": s.RESULTS_BATCH_BYTES,
         "heartbeat": s.AMQP_HEARTBEAT,
         "blocked_connection_timeout": s.AMQP_BLOCKED_CONNECTION_TIMEOUT,
         "db_retry_attempts": s.RESULTS_DB_RETRY_ATTEMPTS,
