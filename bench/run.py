@@ -41,14 +41,14 @@ from bench.suite import Plan  # noqa: E402
 SECTIONS = ["legacy", "shim", "drain", "handoff", "e2e", "memory"]
 SIZES = ["small", "typical", "large"]
 
-#: How much each run measures. ``memory_count`` and ``timeout`` are per database: the long drain
-#: runs in full on PostgreSQL (the targets' database) and shorter on SQLite, so that the full run
-#: stays well under 30 minutes on a small machine.
+#: How much each run measures. ``memory_count``, ``memory_seconds`` and ``timeout`` are per
+#: database; the full run's long drain is 100,000 messages on each, and the whole run stays well
+#: under 30 minutes on a small machine.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "repeats": 2,
         "http_counts": {"small": 300, "typical": 40, "large": 6},
-        "drain_counts": {"small": 1000, "typical": 80, "large": 8},
+        "drain_counts": {"small": 2000, "typical": 160, "large": 24},
         "e2e_seconds": 4.0,
         "step_seconds": 2.0,
         "max_steps": 5,
@@ -58,14 +58,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "full": {
         "repeats": 3,
-        "http_counts": {"small": 1000, "typical": 150, "large": 15},
-        "drain_counts": {"small": 2000, "typical": 200, "large": 15},
+        "http_counts": {"small": 1000, "typical": 150, "large": 30},
+        "drain_counts": {"small": 5000, "typical": 400, "large": 60},
         "e2e_seconds": 8.0,
         "step_seconds": 3.0,
         "max_steps": 6,
-        "memory_count": {"postgres": 100_000, "sqlite": 20_000},
-        "memory_seconds": {"postgres": 900, "sqlite": 150},
-        "timeout": {"postgres": 1560, "sqlite": 600},
+        "memory_count": {"postgres": 100_000, "sqlite": 100_000},
+        "memory_seconds": {"postgres": 900, "sqlite": 600},
+        "timeout": {"postgres": 1800, "sqlite": 1500},
     },
 }
 

@@ -56,7 +56,9 @@ class Store:
     probe: Callable[[], None]
     #: Drop connections that may be broken, before a new attempt.
     reset: Callable[[], None]
-    #: After the ack: hand committed work on (run the resumed recipes).
+    #: After the ack: hand committed work on (run the resumed recipes). Runs on the database
+    #: thread while the main thread keeps the connection serviced; the next batch is taken once
+    #: it returns.
     after_ack: Callable[[], None]
     #: Every few seconds, busy or idle: pick up work others left behind (abandoned runs).
     idle: Callable[[], None]

@@ -26,7 +26,6 @@ from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from django.db import connection, transaction
-from django.db.models import signals
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -152,12 +151,8 @@ def _set_states(
 
 def _delete_jobs(job_ids: Sequence[str]) -> None:
     """Delete finished jobs (and any saved environ left of them), as ``_job_finished`` does."""
-    others = [r for r in QueuedJob._meta.related_objects if r.related_model is not SavedEnviron]
-    if (
-        others
-        or not can_delete_plainly(SavedEnviron)
-        or signals.pre_delete.has_listeners(QueuedJob)
-        or signals.post_delete.has_listeners(QueuedJob)
+    if not (
+        can_delete_plainly(QueuedJob, but_for=[SavedEnviron]) and can_delete_plainly(SavedEnviron)
     ):
         for part in _chunks(sorted(job_ids)):
             QueuedJob.objects.filter(job_id__in=part).delete()
@@ -245,7 +240,8 @@ class Runs(Protocol[K]):
     """The claimed durable runs of one batch; every method runs in the caller's transaction."""
 
     def keep(self, keys: Collection[K]) -> set[K]:
-        """Extend and lock the claims still held; the others were taken over by another runner."""
+        """Lock the runs still claimed by this batch; the others were taken over by another
+        runner (their claim had expired)."""
         ...
 
     def checkpoint(self, environs: Mapping[K, str]) -> None:

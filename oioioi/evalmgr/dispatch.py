@@ -1,17 +1,21 @@
 """Hand-off from a committed resume to the recipe runner.
 
-``delay_environ`` calls :meth:`Dispatcher.dispatch` inside the resume's transaction. The local
-dispatcher writes a :class:`~oioioi.workers.models.PendingRun` row there, so the hand-off commits or
-rolls back with the resume itself: a process that dies right after the commit leaves the row
-behind, and whoever calls :meth:`run_pending` next (a consumer sweeps when it starts, after each
-ack and when idle; so does ``manage.py run_pending_jobs``) claims it once its lease has expired and
-runs it; a row nobody has claimed yet is taken at once.
+``delay_environ`` calls :meth:`Dispatcher.dispatch` inside the resume's transaction (the batched
+``delay_environs`` calls :meth:`Dispatcher.dispatch_many`). The local dispatcher writes a
+:class:`~oioioi.workers.models.PendingRun` row there, so the hand-off commits or rolls back with
+the resume itself: a process that dies right after the commit leaves the row behind, and whoever
+calls :meth:`run_pending` next (a consumer sweeps when it starts and every few seconds; so does
+``manage.py run_pending_jobs``) takes it over once its claim has expired and runs it.
 
-A run is claimed with a lease (``claimed_by`` / ``claimed_until``, ``EVALMGR_RUN_LEASE_SECONDS``).
-Each recipe phase commits with a checkpoint of the environ that also checks and extends the lease,
-so a phase whose runner lost the lease rolls back instead of committing twice, and a crash between
-phases resumes after the last committed one. A run stopped by a database error keeps its claim and
-is run again by the same process at its next :meth:`run_pending`.
+A run is claimed with a lease (``claimed_by`` / ``claimed_until``). A consumer writes the runs of
+its own batch already claimed by itself for a short hand-off lease (:data:`HANDOFF`), runs them
+right after the ack, a phase of every job at a time (:func:`~oioioi.evalmgr.batch.run_recipes`),
+and each round locks its runs' rows for as long as its phases run; a run taken over from a dead
+runner (or written by a process that runs no recipes) is claimed for the full lease
+(``EVALMGR_RUN_LEASE_SECONDS``) and run on its own. Each phase commits with a checkpoint of the
+environ that also extends the lease, so a crash between phases resumes after the last committed
+one, and a runner that lost its claim commits nothing more. A run stopped by a database error
+keeps its claim and is run again by the same process at its next :meth:`run_pending`.
 """
 
 from __future__ import annotations

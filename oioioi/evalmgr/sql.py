@@ -18,7 +18,7 @@ and execute wrappers see them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, models
@@ -194,6 +194,26 @@ def update_each(
     return updated
 
 
+def _by_keys(
+    model: type[models.Model],
+    key: str,
+    keys: Sequence[Any],
+    where: Mapping[str, Any] | None,
+    statement: Callable[[Any, str], str],
+    leading: Sequence[Any] = (),
+) -> Iterator[Any]:
+    """Run ``statement(db, condition)`` once for each chunk of ``keys``, the condition naming the
+    chunk's rows (and ``where``), after parameters ``leading``; yields the cursor after each."""
+    db = _db()
+    key_field = _field(model, key)
+    extra, extra_params = _conditions(db, model, where)
+    with db.cursor() as cursor:
+        for part in _key_chunks(db, keys):
+            condition, params = _keys_condition(db, key_field, part)
+            cursor.execute(statement(db, condition + extra), [*leading, *params, *extra_params])
+            yield cursor
+
+
 def select_in(
     model: type[models.Model],
     names: Sequence[str],
@@ -208,22 +228,19 @@ def select_in(
 
     Values come back as the driver gives them: for text and integer columns, what the ORM gives.
     """
-    db = _db()
-    quote = db.ops.quote_name
-    key_field = _field(model, key)
-    columns = ", ".join(quote(_field(model, name).column) for name in names)
-    extra, extra_params = _conditions(db, model, where)
-    suffix = " FOR UPDATE" if lock and db.features.has_select_for_update else ""
+
+    def statement(db: Any, condition: str) -> str:
+        quote = db.ops.quote_name
+        columns = ", ".join(quote(_field(model, name).column) for name in names)
+        suffix = " FOR UPDATE" if lock and db.features.has_select_for_update else ""
+        return (
+            f"SELECT {columns} FROM {quote(model._meta.db_table)} WHERE {condition} "
+            f"ORDER BY {quote(_field(model, key).column)}{suffix}"
+        )
+
     out: list[tuple[Any, ...]] = []
-    with db.cursor() as cursor:
-        for part in _key_chunks(db, keys):
-            condition, params = _keys_condition(db, key_field, part)
-            cursor.execute(
-                f"SELECT {columns} FROM {quote(model._meta.db_table)} WHERE {condition}{extra} "
-                f"ORDER BY {quote(key_field.column)}{suffix}",
-                params + extra_params,
-            )
-            out.extend(tuple(r) for r in cursor.fetchall())
+    for cursor in _by_keys(model, key, keys, where, statement):
+        out.extend(tuple(r) for r in cursor.fetchall())
     return out
 
 
@@ -237,34 +254,27 @@ def update_in(
 ) -> int:
     """Set ``changes`` (field name: value) on the rows whose ``key`` is one of ``keys``."""
     db = _db()
-    quote = db.ops.quote_name
-    key_field = _field(model, key)
-    sets, set_params = [], []
-    for name, value in changes.items():
-        f = _field(model, name)
-        sets.append(f"{quote(f.column)} = %s")
-        set_params.append(f.get_db_prep_save(value, db))
-    extra, extra_params = _conditions(db, model, where)
-    updated = 0
-    with db.cursor() as cursor:
-        for part in _key_chunks(db, keys):
-            condition, params = _keys_condition(db, key_field, part)
-            cursor.execute(
-                f"UPDATE {quote(model._meta.db_table)} SET {', '.join(sets)} "
-                f"WHERE {condition}{extra}",
-                set_params + params + extra_params,
-            )
-            updated += cursor.rowcount
-    return updated
+    fields = [_field(model, name) for name in changes]
+    values = [f.get_db_prep_save(v, db) for f, v in zip(fields, changes.values(), strict=True)]
+
+    def statement(db: Any, condition: str) -> str:
+        quote = db.ops.quote_name
+        sets = ", ".join(f"{quote(f.column)} = %s" for f in fields)
+        return f"UPDATE {quote(model._meta.db_table)} SET {sets} WHERE {condition}"
+
+    return sum(c.rowcount for c in _by_keys(model, key, keys, where, statement, values))
 
 
-def can_delete_plainly(model: type[models.Model]) -> bool:
+def can_delete_plainly(
+    model: type[models.Model], *, but_for: Sequence[type[models.Model]] = ()
+) -> bool:
     """Whether deleting rows of ``model`` needs nothing of the ORM's collector: no signal
-    receivers and no relations pointing at it."""
+    receivers, and no relations pointing at it from models other than ``but_for`` (whose rows
+    the caller deletes itself)."""
     return not (
         models.signals.pre_delete.has_listeners(model)
         or models.signals.post_delete.has_listeners(model)
-        or model._meta.related_objects
+        or any(r.related_model not in but_for for r in model._meta.related_objects)
     )
 
 
@@ -277,17 +287,8 @@ def delete_in(
 ) -> int:
     """Delete the rows whose ``key`` is one of ``keys``; the caller has made sure that
     :func:`can_delete_plainly` (or has deleted what points at them itself)."""
-    db = _db()
-    quote = db.ops.quote_name
-    key_field = _field(model, key)
-    extra, extra_params = _conditions(db, model, where)
-    deleted = 0
-    with db.cursor() as cursor:
-        for part in _key_chunks(db, keys):
-            condition, params = _keys_condition(db, key_field, part)
-            cursor.execute(
-                f"DELETE FROM {quote(model._meta.db_table)} WHERE {condition}{extra}",
-                params + extra_params,
-            )
-            deleted += cursor.rowcount
-    return deleted
+
+    def statement(db: Any, condition: str) -> str:
+        return f"DELETE FROM {db.ops.quote_name(model._meta.db_table)} WHERE {condition}"
+
+    return sum(c.rowcount for c in _by_keys(model, key, keys, where, statement))

@@ -8,23 +8,30 @@ environ costs the insert about four times what lz4 does (measured: 7.9 ms agains
 from django.db import migrations
 
 
-def _lz4(apps, schema_editor):
+def _on_postgresql_14(schema_editor):
     connection = schema_editor.connection
-    if connection.vendor != "postgresql" or connection.pg_version < 140000:
+    return connection.vendor == "postgresql" and connection.pg_version >= 140000
+
+
+def _lz4(apps, schema_editor):
+    if not _on_postgresql_14(schema_editor):
         return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' AND 'lz4' = ANY(enumvals)")
-        if cursor.fetchone() is None:
-            return
-        cursor.execute("ALTER TABLE workers_pendingrun ALTER COLUMN environ SET COMPRESSION lz4")
+    with schema_editor.connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT 1 FROM pg_settings"
+            " WHERE name = 'default_toast_compression' AND 'lz4' = ANY(enumvals)"
+        )
+        if cursor.fetchone() is not None:
+            cursor.execute(
+                "ALTER TABLE workers_pendingrun ALTER COLUMN environ SET COMPRESSION lz4"
+            )
 
 
 def _default(apps, schema_editor):
-    connection = schema_editor.connection
-    if connection.vendor != "postgresql" or connection.pg_version < 140000:
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("ALTER TABLE workers_pendingrun ALTER COLUMN environ SET COMPRESSION DEFAULT")
+    if _on_postgresql_14(schema_editor):
+        schema_editor.execute(
+            "ALTER TABLE workers_pendingrun ALTER COLUMN environ SET COMPRESSION DEFAULT"
+        )
 
 
 class Migration(migrations.Migration):
