@@ -188,6 +188,12 @@ BAD_REQUESTS: list[tuple[str, bytes, int, str]] = [
     ("chunked and length", post(b"0\r\n\r\n", length=5, extra="Transfer-Encoding: chunked\r\n"), 400, "both"),
     ("other transfer coding", post(b"x", extra="Transfer-Encoding: gzip\r\n"), 400, "unsupported Transfer-Encoding"),
     ("not HTTP", b"HELLO\r\n\r\n", 400, "Bad request"),
+    ("HTTP/0.9 POST", b"POST /\r\n\r\n", 400, "Bad request syntax"),
+    ("bad version", b"POST / HTTP/1.x\r\n\r\n", 400, "Bad request version"),
+    ("odd version digits", b"POST / HTTP/\xb2.1\r\n\r\n", 400, "Bad request version"),
+    ("HTTP/2", b"POST / HTTP/2.0\r\n\r\n", 505, "Invalid HTTP version"),
+    ("too many headers", b"POST / HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", 431, "header lines"),
+    ("header line too long", b"POST / HTTP/1.1\r\nX-A: " + b"a" * 70_000 + b"\r\n\r\n", 431, "too long"),
 ]  # fmt: skip
 
 

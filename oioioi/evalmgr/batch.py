@@ -301,13 +301,13 @@ def run_recipes(
             ready[key] = env
         else:
             on_its_own(key, env)
+    if not ready:
+        return ran
     if not _distinct_jobs(list(ready.values())):
         for key, env in ready.items():
             on_its_own(key, env)
         return ran
     snapshot = {key: environs[key] for key in ready}
-    if not ready:
-        return ran
     try:
         with transaction.atomic():
             kept = runs.keep(ready)
@@ -342,8 +342,8 @@ def run_recipes(
             for key in list(active):
                 alone(key, json.loads(snapshot[key]))
             return ran
-        for key, env, transfer in transfers:
-            _transfer(key, env, transfer)
+        for env, transfer in transfers:
+            _transfer(env, transfer)
     return ran
 
 
@@ -355,8 +355,9 @@ def _lost(wanted: Collection[Any], kept: Collection[Any]) -> None:
 
 def _round(
     active: dict[K, dict[str, Any]], snapshot: dict[K, str], runs: Runs[K]
-) -> tuple[dict[K, dict[str, Any]], dict[K, str], list[tuple[K, dict[str, Any], dict[str, Any]]]]:
-    """One phase of each job, committed together; returns who goes on, and the transfers."""
+) -> tuple[dict[K, dict[str, Any]], dict[K, str], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """One phase of each job, committed together: returns the jobs that go on (and their
+    checkpoints), and the transfers to make now that the jobs are parked."""
     with transaction.atomic():
         kept = runs.keep(active)
         _lost(active, kept)
@@ -380,16 +381,16 @@ def _round(
                 finished.append(key)
         if finished:
             _delete_jobs([active[key]["job_id"] for key in finished])
-        transfers: list[tuple[K, dict[str, Any], dict[str, Any]]] = []
+        transfers: list[tuple[dict[str, Any], dict[str, Any]]] = []
         if moving:
             keys = list(moving)
             marked = mark_jobs_state([moving[key][0] for key in keys], "WAITING")
             parked = [key for key, ok in zip(keys, marked, strict=True) if ok]
-            ids = _save_environs([moving[key][0] for key in parked])
-            for key, saved_id in zip(parked, ids, strict=True):
+            saved_ids = _save_environs([moving[key][0] for key in parked])
+            for key, saved_id in zip(parked, saved_ids, strict=True):
                 env, transfer = moving[key]
                 env["saved_environ_id"] = saved_id
-                transfers.append((key, env, transfer))
+                transfers.append((env, transfer))
             for key, ok in zip(keys, marked, strict=True):
                 if not ok:
                     log.info("Job %r was cancelled; its run ended.", moving[key][0]["job_id"])
@@ -401,7 +402,7 @@ def _round(
     return going, texts, transfers
 
 
-def _transfer(key: Any, env: dict[str, Any], transfer: dict[str, Any]) -> None:
+def _transfer(env: dict[str, Any], transfer: dict[str, Any]) -> None:
     """The part of ``_transfer_job`` after the commit: hand the saved job to the external system."""
     try:
         import_string(transfer["transfer_func"])(env, **transfer.get("transfer_kwargs", {}))
