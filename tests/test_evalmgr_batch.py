@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from django.db import OperationalError, connection, transaction
+from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from consumer.decode import decode
@@ -108,6 +109,19 @@ def test_a_restore_that_fails_fails_the_whole_list(waiting_job):
     # Rolled back as one: both jobs still wait.
     assert SavedEnviron.objects.count() == 2
     assert set(QueuedJob.objects.values_list("state", flat=True)) == {"WAITING"}
+
+
+def test_a_dispatcher_that_knows_only_dispatch_gets_one_call_per_environ(waiting_job):
+    jobs = [waiting_job(submission_id=i) for i in (1, 2)]
+    only = override_settings(EVALMGR_DISPATCHER="tests.recipeapp.recipes.DispatchOnly")
+    envs = [dict(result_for(sent), submission_id=i + 1) for i, sent in enumerate(jobs)]
+    with only, transaction.atomic():
+        handles = delay_environs(envs)
+    assert handles == ["t-1", "t-2"]
+    assert sorted(QueuedJob.objects.values_list("state", "celery_task_id")) == [
+        ("QUEUED", "t-1"),
+        ("QUEUED", "t-2"),
+    ]
 
 
 def test_the_batched_write_costs_the_same_few_statements_for_any_batch(waiting_job):

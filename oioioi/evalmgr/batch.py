@@ -192,7 +192,7 @@ def delay_environs(
     ``run_here`` tells the dispatcher that the caller runs the recipes itself after the commit
     (:meth:`~oioioi.evalmgr.dispatch.Dispatcher.run_pending`).
     """
-    from oioioi.evalmgr.dispatch import get_dispatcher
+    from oioioi.evalmgr.dispatch import Dispatcher, get_dispatcher
 
     results: list[str | None] = [None] * len(environs)
     saved = _take_saved_environs(
@@ -225,7 +225,12 @@ def delay_environs(
     going = [(i, env) for i, env in resumed if found.get(env["job_id"]) != _CANCELLED]
     if not going:
         return results
-    handles = get_dispatcher().dispatch_many([env for _, env in going], run_here=run_here)
+    dispatcher = get_dispatcher()
+    if isinstance(dispatcher, Dispatcher):
+        handles = dispatcher.dispatch_many([env for _, env in going], run_here=run_here)
+    else:
+        # A dispatcher of another lineage may know only dispatch().
+        handles = [dispatcher.dispatch(env) for _, env in going]
     task_ids = {env["job_id"]: h for (_, env), h in zip(going, handles, strict=True)}
     _set_states([env for _, env in going], found, "QUEUED", task_ids)
     for (i, _), handle in zip(going, handles, strict=True):

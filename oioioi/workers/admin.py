@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
-from django.db.models import Exists, OuterRef, QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.urls import URLPattern, path
+from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
@@ -106,14 +107,16 @@ class ClaimFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         return [
             ("stuck", f"Given up ({MAX_ATTEMPTS} attempts or more)"),
-            ("unclaimed", "Not claimed"),
+            ("unclaimed", "Waiting for a runner (not claimed, or its claim has expired)"),
         ]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
         if self.value() == "stuck":
             return queryset.filter(attempts__gte=MAX_ATTEMPTS)
         if self.value() == "unclaimed":
-            return queryset.filter(claimed_by__isnull=True)
+            # A consumer claims its own runs as it writes them; a claim that has expired is
+            # one whose runner died: the run waits for the next sweep, like an unclaimed one.
+            return queryset.filter(Q(claimed_by__isnull=True) | Q(claimed_until__lt=timezone.now()))
         return None
 
 

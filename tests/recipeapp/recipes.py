@@ -136,3 +136,13 @@ def failing_restore(
 ) -> dict[str, Any]:
     """A restore function with a bug."""
     raise ValueError("restore failed")
+
+
+class DispatchOnly:
+    """A dispatcher of another lineage: it knows dispatch() and nothing of batches."""
+
+    def dispatch(self, environ: dict[str, Any], **extra: Any) -> str:
+        return f"t-{environ['submission_id']}"
+
+    def run_pending(self, limit: int | None = None, *, sweep: bool = True) -> int:
+        return 0
