@@ -58,6 +58,18 @@ def test_a_batch_resumes_every_job_and_runs_every_recipe_once(waiting_job, inbox
     assert ReceivedResult.objects.get(key="m3").job_id == jobs[3]["job_id"]
 
 
+def test_the_consumer_runs_what_it_wrote_right_after_the_ack(waiting_job, inbox_path):
+    # Given results written by the consumer's write, on either inbox path
+    jobs = [waiting_job(submission_id=i) for i in range(3)]
+    receive.write([as_result(result_for(sent), f"m{i}") for i, sent in enumerate(jobs)])
+    # When the consumer runs what it resumed (after_ack: no sweep for others' runs)
+    receive.after_ack()
+    # Then every recipe ran at once, not at the next sweep
+    for sent in jobs:
+        assert StepLog.objects.filter(job_id=sent["job_id"]).count() == 1
+    assert not PendingRun.objects.exists()
+
+
 def test_duplicates_within_and_across_batches_have_no_second_effect(waiting_job, inbox_path):
     first, second = waiting_job(submission_id=1), waiting_job(submission_id=2)
     a, b = as_result(result_for(first), "a"), as_result(result_for(second), "b")

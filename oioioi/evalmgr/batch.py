@@ -31,6 +31,7 @@ from django.utils.module_loading import import_string
 
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.evalmgr.sql import (
+    MAX_KEYS,
     can_delete_plainly,
     delete_in,
     insert_returning,
@@ -42,7 +43,6 @@ from oioioi.evalmgr.tasks import (
     INFRASTRUCTURE_ERRORS,
     _run_error_handlers,
     _run_phase,
-    delay_environ,
 )
 from oioioi.evalmgr.utils import require_transaction
 
@@ -50,11 +50,8 @@ log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 
-#: Most rows named in one statement (SQLite allows 32766 parameters, older builds 999).
-CHUNK = 500
 
-
-def _chunks(items: Sequence[Any], size: int = CHUNK) -> list[Sequence[Any]]:
+def _chunks(items: Sequence[Any], size: int = MAX_KEYS) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
@@ -192,8 +189,6 @@ def delay_environs(
     ``run_here`` tells the dispatcher that the caller runs the recipes itself after the commit
     (:meth:`~oioioi.evalmgr.dispatch.Dispatcher.run_pending`).
     """
-    from oioioi.evalmgr.dispatch import Dispatcher, get_dispatcher
-
     results: list[str | None] = [None] * len(environs)
     saved = _take_saved_environs(
         [env["saved_environ_id"] for env in environs if "saved_environ_id" in env]
@@ -212,30 +207,36 @@ def delay_environs(
             restore = import_string(saved_environ.pop("restore_environ_func"))
             env = restore(saved_environ, env)
         resumed.append((i, env))
-    if not resumed:
-        return results
-    if not _distinct_jobs([env for _, env in resumed]):
+    if _distinct_jobs([env for _, env in resumed]):
+        groups = [resumed]
+    else:
         # Two environs of one job: the second must see what the first did to it.
-        for i, env in resumed:
-            results[i] = delay_environ(env)
-        return results
-    # mark_job_state(QUEUED), dispatch and the task id, as delay_environ does them; the state
-    # and the task id go in one statement.
-    found = _lock_jobs([env for _, env in resumed])
-    going = [(i, env) for i, env in resumed if found.get(env["job_id"]) != _CANCELLED]
-    if not going:
-        return results
+        groups = [[item] for item in resumed]
+    for group in groups:
+        handles = _queue([env for _, env in group], run_here)
+        for (i, _), handle in zip(group, handles, strict=True):
+            results[i] = handle
+    return results
+
+
+def _queue(environs: Sequence[dict[str, Any]], run_here: bool) -> list[str | None]:
+    """The rest of ``delay_environ`` for resumed environs of distinct jobs: mark them QUEUED
+    (the state and the dispatcher's handle in one statement) and dispatch them."""
+    from oioioi.evalmgr.dispatch import Dispatcher, get_dispatcher
+
+    if not environs:
+        return []
+    found = _lock_jobs(environs)
+    going = [env for env in environs if found.get(env["job_id"]) != _CANCELLED]
     dispatcher = get_dispatcher()
     if isinstance(dispatcher, Dispatcher):
-        handles = dispatcher.dispatch_many([env for _, env in going], run_here=run_here)
+        handles = dispatcher.dispatch_many(going, run_here=run_here) if going else []
     else:
         # A dispatcher of another lineage may know only dispatch().
-        handles = [dispatcher.dispatch(env) for _, env in going]
-    task_ids = {env["job_id"]: h for (_, env), h in zip(going, handles, strict=True)}
-    _set_states([env for _, env in going], found, "QUEUED", task_ids)
-    for (i, _), handle in zip(going, handles, strict=True):
-        results[i] = handle
-    return results
+        handles = [dispatcher.dispatch(env) for env in going]
+    task_ids = {env["job_id"]: h for env, h in zip(going, handles, strict=True)}
+    _set_states(going, found, "QUEUED", task_ids)
+    return [task_ids.get(env["job_id"]) for env in environs]
 
 
 # --- running recipes -----------------------------------------------------------------------------

@@ -183,27 +183,25 @@ class LocalDispatcher(Dispatcher):
         from oioioi.workers.models import PendingRun
 
         job_ids = [env["job_id"] for env in environs]
-        if not connection.features.can_return_rows_from_bulk_insert or len(set(job_ids)) != len(
+        texts = [json.dumps(env) for env in environs]
+        now = timezone.now()
+        claim: dict[str, Any] = {"attempts": 0}
+        if run_here:
+            token = self._token()
+            claim = {"claimed_by": token, "claimed_until": now + handoff_lease(), "attempts": 1}
+        if connection.features.can_return_rows_from_bulk_insert and len(set(job_ids)) == len(
             job_ids
         ):
-            return super().dispatch_many(environs)
-        now = timezone.now()
-        texts = [json.dumps(env) for env in environs]
-        rows: list[tuple[Any, ...]]
-        if run_here:
-            token: str | None = self._token()
-            names = ["job_id", "environ", "created_at", "claimed_by", "claimed_until", "attempts"]
-            rows = [
-                (job_id, text, now, token, now + handoff_lease(), 1)
-                for job_id, text in zip(job_ids, texts, strict=True)
-            ]
+            names = ["job_id", "environ", "created_at", *claim]
+            rows = [(j, text, now, *claim.values()) for j, text in zip(job_ids, texts, strict=True)]
+            pk_of = dict(insert_returning(PendingRun, names, rows, ["job_id", "id"]))
+            pks = [pk_of[job_id] for job_id in job_ids]
         else:
-            token = None
-            names = ["job_id", "environ", "created_at", "attempts"]
-            rows = [(job_id, text, now, 0) for job_id, text in zip(job_ids, texts, strict=True)]
-        pk_of = dict(insert_returning(PendingRun, names, rows, ["job_id", "id"]))
-        pks = [pk_of[job_id] for job_id in job_ids]
-        if token is not None:
+            pks = [
+                PendingRun.objects.create(job_id=j, environ=text, created_at=now, **claim).pk
+                for j, text in zip(job_ids, texts, strict=True)
+            ]
+        if run_here:
             batch = (token, dict(zip(pks, zip(texts, environs, strict=True), strict=True)))
             transaction.on_commit(lambda: self._ready.append(batch))
         return [f"run-{pk}" for pk in pks]
@@ -226,9 +224,7 @@ class LocalDispatcher(Dispatcher):
             abandoned = (
                 PendingRun.objects.filter(attempts__lt=MAX_ATTEMPTS)
                 .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=timezone.now()))
-                .exclude(
-                    pk__in=[*tried, *self._held, *(pk for _, runs in self._ready for pk in runs)]
-                )
+                .exclude(pk__in=[*tried, *self._held])
                 .order_by("pk")
                 .values_list("pk", flat=True)
             )

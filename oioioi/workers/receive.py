@@ -29,7 +29,6 @@ from consumer.errors import RejectedEnviron
 from oioioi.evalmgr.batch import delay_environs
 from oioioi.evalmgr.dispatch import get_dispatcher
 from oioioi.evalmgr.sql import insert_returning
-from oioioi.evalmgr.tasks import delay_environ
 from oioioi.workers.models import DeliveryAttempt, ReceivedResult
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def _apply(result: Result) -> str:
             ReceivedResult.objects.create(**_inbox_values(result, timezone.now()))
     except IntegrityError:
         return "duplicate"
-    if delay_environ(dict(env)) is None:
+    if delay_environs([dict(env)], run_here=True)[0] is None:
         ReceivedResult.objects.filter(key=result.key).update(outcome="ignored")
     return "committed"
 
