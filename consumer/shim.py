@@ -229,7 +229,8 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         self.handle_one_request()
 
     def handle_one_request(self) -> None:
-        started = time.monotonic()
+        self._started = time.monotonic()
+        self._logged = False
         self.close_connection = True
         self.raw_requestline = b""
         self.command = ""
@@ -260,8 +261,8 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
             log.exception("Unexpected error while serving %s.", self.address_string())
             self._answer(500, "internal error")
         finally:
-            if self.raw_requestline or self._status:
-                self._finished(time.monotonic() - started)
+            if (self.raw_requestline or self._status) and not self._logged:
+                self._finished()  # the client went away before an answer
 
     def parse_request(self) -> bool:
         """Read the request line and headers; answer and return False if they are not HTTP.
@@ -422,6 +423,9 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
     def _answer(self, status: int, text: str) -> None:
         self._status = status
         self.close_connection = True
+        # Logged before the answer is sent: a client that has its answer finds its request in
+        # the log already, and lines follow the order in which answers went out.
+        self._finished()
         body = text.encode() if status == 200 else f"{text}\n".encode()
         try:
             self.connection.settimeout(self.config.read_timeout)
@@ -450,7 +454,9 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
 
     # --- the log line ------------------------------------------------------------------------
 
-    def _finished(self, seconds: float) -> None:
+    def _finished(self) -> None:
+        self._logged = True
+        seconds = time.monotonic() - self._started
         self.observer.request(self._status, seconds)
         path = urllib.parse.urlsplit(self.path).path  # never the query: it may hold the token
         log.info(
