@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from oioioi.evalmgr.dispatch import LocalDispatcher
+from oioioi.workers.dispatch import LocalDispatcher
 
 
 class HandOffOnly(LocalDispatcher):

@@ -13,6 +13,7 @@ from typing import Any
 
 import dj_database_url
 
+from oioioi.workers.conf import from_environment
 from oioioi.workers.logging import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -51,6 +52,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "oioioi.celery",
     "oioioi.evalmgr",
     "oioioi.sioworkers",
     "oioioi.workers",
@@ -117,80 +119,44 @@ if not DATABASE_URL:
     DATABASE_URL = f"sqlite:///{DATA_DIR / 'oioioi.sqlite3'}"
 DATABASES = {"default": database_config(DATABASE_URL)}
 
-# --- Broker and queue topology -----------------------------------------------------------------
+# --- The return path ---------------------------------------------------------------------------
+# Every setting of the return path (AMQP_URL, RESULTS_*, SHIM_*, METRICS_*, EVALMGR_*) has its
+# default in oioioi/workers/conf.py and is read from the environment variable of the same name
+# there, as it is inside an OIOIOI deployment; this module may still set any of them.
 
-AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-#: Durable direct exchange workers publish finished environs to.
-RESULTS_EXCHANGE = os.environ.get("RESULTS_EXCHANGE", "oioioi.workers")
-RESULTS_ROUTING_KEY = os.environ.get("RESULTS_ROUTING_KEY", "results")
-RESULTS_QUEUE = os.environ.get("RESULTS_QUEUE", "oioioi.workers.results")
-RESULTS_DEAD_LETTER_QUEUE = os.environ.get(
-    "RESULTS_DEAD_LETTER_QUEUE", "oioioi.workers.results.dead"
-)
-RESULTS_RETRY_QUEUE = os.environ.get("RESULTS_RETRY_QUEUE", "oioioi.workers.results.retry")
-#: Declare the exchange and queues on connect. Turn off where the broker's definitions create
-#: them and the user may not configure (the least-privilege users of deploy/rabbitmq).
-RESULTS_DECLARE_TOPOLOGY = _env_bool("RESULTS_DECLARE_TOPOLOGY", True)
-#: ``quorum`` (replicated, with a delivery limit) or ``classic`` for brokers without quorum queues.
-RESULTS_QUEUE_TYPE = os.environ.get("RESULTS_QUEUE_TYPE", "quorum")
-#: Deliveries after which the broker dead-letters a message that keeps killing its consumer.
-RESULTS_DELIVERY_LIMIT = _env_int("RESULTS_DELIVERY_LIMIT", 20)
-#: Times an unexpected write error is retried through the retry queue before dead-lettering.
-RESULTS_MAX_RETRIES = _env_int("RESULTS_MAX_RETRIES", 5)
-#: How long a message waits in the retry queue before it returns to the results queue.
-RESULTS_RETRY_DELAY_MS = _env_int("RESULTS_RETRY_DELAY_MS", 10_000)
-#: Unacknowledged deliveries the broker may push ahead (held in the consumer's memory).
-RESULTS_PREFETCH = _env_int("RESULTS_PREFETCH", 200)
-#: Most results written in one transaction, and most bytes of their message bodies.
-RESULTS_BATCH_SIZE = _env_int("RESULTS_BATCH_SIZE", 100)
-RESULTS_BATCH_BYTES = _env_int("RESULTS_BATCH_BYTES", 8 * 1024 * 1024)
-AMQP_HEARTBEAT = _env_int("AMQP_HEARTBEAT", 30)
-AMQP_BLOCKED_CONNECTION_TIMEOUT = _env_float("AMQP_BLOCKED_CONNECTION_TIMEOUT", 60.0)
-
-# --- Database retry policy ---------------------------------------------------------------------
-
-#: In-process attempts at a write that fails with a transient database error.
-RESULTS_DB_RETRY_ATTEMPTS = _env_int("RESULTS_DB_RETRY_ATTEMPTS", 5)
-RESULTS_DB_RETRY_INITIAL = _env_float("RESULTS_DB_RETRY_INITIAL", 0.2)
-RESULTS_DB_RETRY_MAX = _env_float("RESULTS_DB_RETRY_MAX", 5.0)
-#: Longest pause between database probes while the database is away.
-RESULTS_DB_PROBE_MAX = _env_float("RESULTS_DB_PROBE_MAX", 30.0)
-#: Received-results records older than this many days may be removed.
-RESULTS_INBOX_RETENTION_DAYS = _env_int("RESULTS_INBOX_RETENTION_DAYS", 30)
-
-# --- Evaluation manager ------------------------------------------------------------------------
-
-#: Hands a resumed environ to the recipe runner after the resume commits.
-EVALMGR_DISPATCHER = os.environ.get("EVALMGR_DISPATCHER", "oioioi.evalmgr.dispatch.LocalDispatcher")
+#: Standalone, the consumer runs the recipes itself (inside OIOIOI the default hands them to
+#: Celery's evalmgr workers).
+EVALMGR_DISPATCHER = os.environ.get("EVALMGR_DISPATCHER", "oioioi.workers.dispatch.LocalDispatcher")
 #: Sends a job group to sioworkersd; the null backend only logs (a real deployment sets its own).
 SIOWORKERS_BACKEND = os.environ.get("SIOWORKERS_BACKEND", "oioioi.sioworkers.backends.NullBackend")
 FILETRACKER_URL = os.environ.get("FILETRACKER_URL") or None
-#: Jobs WAITING or QUEUED longer than this are flagged for an operator.
-EVALMGR_STALE_JOB_SECONDS = _env_int("EVALMGR_STALE_JOB_SECONDS", 3600)
-#: How long a recipe runner's claim on a pending run holds; a runner killed mid-recipe leaves
-#: its run to others once this has passed. Must exceed the longest recipe phase.
-EVALMGR_RUN_LEASE_SECONDS = _env_int("EVALMGR_RUN_LEASE_SECONDS", 300)
 
-# --- Legacy HTTP shim ----------------------------------------------------------------------------
+# --- Celery, as upstream configures it (old-style names, read by oioioi.celery) -------------------
 
-SIOWORKERS_LISTEN_ADDR = os.environ.get("SIOWORKERS_LISTEN_ADDR", "127.0.0.1")
-SIOWORKERS_LISTEN_PORT = _env_int("SIOWORKERS_LISTEN_PORT", 7890)
-SHIM_MAX_BODY_BYTES = _env_int("SHIM_MAX_BODY_BYTES", 64 * 1024 * 1024)
-SHIM_THREADS = _env_int("SHIM_THREADS", 16)
-SHIM_READ_TIMEOUT = _env_float("SHIM_READ_TIMEOUT", 30.0)
-SHIM_AUTH_TOKEN = os.environ.get("SHIM_AUTH_TOKEN") or None
+#: The broker Celery publishes evalmgr_job to; by default the results broker.
+BROKER_URL = os.environ.get("CELERY_BROKER_URL") or from_environment("AMQP_URL")
+#: Standalone nothing runs a Celery worker: the stand-in's delay_environ runs evalmgr_job at once,
+#: as upstream's tests do. Set CELERY_ALWAYS_EAGER=0 to hand tasks to real workers.
+CELERY_ALWAYS_EAGER = _env_bool("CELERY_ALWAYS_EAGER", True)
+CELERY_ACKS_LATE = True
+CELERY_IMPORTS = ["oioioi.evalmgr.tasks"]
+CELERY_ROUTES = {"oioioi.evalmgr.tasks.evalmgr_job": {"queue": "evalmgr"}}
 
 # --- Observability -------------------------------------------------------------------------------
 
-#: Port of /healthz, /readyz and /metrics (consumer and shim); off when unset.
-METRICS_PORT = _env_int("METRICS_PORT", 0) or None
-#: Address the health and metrics port listens on (all interfaces, so a scraper can reach it).
-METRICS_ADDR = os.environ.get("METRICS_ADDR", "0.0.0.0")
 LOG_FORMAT = os.environ.get("LOG_FORMAT", "human")
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
 
 #: ``human`` or ``json`` (one object per line); see oioioi/workers/logging.py. Both formats remove
 #: the passwords of these URLs and these secrets from every line.
 LOGGING = logging_config(
-    LOG_FORMAT, LOG_LEVEL, [AMQP_URL, DATABASE_URL, SHIM_AUTH_TOKEN, SECRET_KEY]
+    LOG_FORMAT,
+    LOG_LEVEL,
+    [
+        from_environment("AMQP_URL"),
+        BROKER_URL,
+        DATABASE_URL,
+        from_environment("SHIM_AUTH_TOKEN"),
+        SECRET_KEY,
+    ],
 )

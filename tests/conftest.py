@@ -22,6 +22,9 @@ from tests.broker import BrokerUnavailable, RabbitNode, docker_reachable, wait_f
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("OIOIOI_FIXTURES", ROOT / "tests" / "fixtures"))
 
+#: The upstream tier's tests run inside an upstream OIOIOI tree (tests/upstream/run), never here.
+collect_ignore = ["upstream"]
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Tests about locking and concurrency run in the PostgreSQL pass of the suite (see .ci/run);
@@ -311,10 +314,10 @@ def load_fixture(name: str) -> dict[str, Any]:
 
 @pytest.fixture
 def waiting_job() -> Callable[..., dict[str, Any]]:
-    """Make a job WAITING for sioworkers the way OIOIOI does; returns the environ sent out."""
+    """Make a job WAITING for sioworkers the way OIOIOI does (its ``delay_environ``, with Celery
+    eager as in upstream's tests); returns the environ sent out."""
     from django.db import transaction
 
-    from oioioi.evalmgr.dispatch import get_dispatcher
     from oioioi.evalmgr.models import SavedEnviron
     from oioioi.evalmgr.tasks import delay_environ
     from tests.recipeapp.recipes import new_job_environ
@@ -323,7 +326,6 @@ def waiting_job() -> Callable[..., dict[str, Any]]:
         env = new_job_environ(submission_id, after=after)
         with transaction.atomic():
             delay_environ(env)
-        get_dispatcher().run_pending()
         saved = SavedEnviron.objects.get(queued_job_id=env["job_id"])
         sent = saved.load_environ()
         sent["saved_environ_id"] = saved.id

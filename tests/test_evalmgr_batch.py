@@ -16,11 +16,11 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from consumer.decode import decode
-from oioioi.evalmgr.batch import delay_environs
-from oioioi.evalmgr.dispatch import get_dispatcher
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers import receive
+from oioioi.workers.dispatch import get_dispatcher
 from oioioi.workers.models import PendingRun
+from oioioi.workers.resume import delay_environs
 from tests.conftest import result_for
 from tests.recipeapp.models import StepLog
 from tests.recipeapp.recipes import new_job_environ

@@ -26,9 +26,9 @@ from django.utils import timezone
 from consumer import topology
 from consumer.config import Settings
 from consumer.decode import decode
-from oioioi.evalmgr.dispatch import get_dispatcher
 from oioioi.evalmgr.models import QueuedJob
 from oioioi.workers import receive
+from oioioi.workers.dispatch import get_dispatcher
 from oioioi.workers.models import PendingRun, ReceivedResult
 from tests.conftest import ROOT, BrokerClient, process_env, result_for
 from tests.helpers import wait_until

@@ -17,9 +17,9 @@ from django.test import override_settings
 
 from consumer.decode import Result, decode
 from consumer.errors import RejectedEnviron
-from oioioi.evalmgr.dispatch import get_dispatcher
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers import receive
+from oioioi.workers.dispatch import get_dispatcher
 from oioioi.workers.models import PendingRun, ReceivedResult
 from tests.conftest import result_for
 from tests.recipeapp.models import StepLog

@@ -41,11 +41,32 @@ def test_another_settings_module_can_import_and_override(tmp_path):
         "-v",
         "0",
         "-c",
-        "from django.conf import settings; print(settings.RESULTS_QUEUE, settings.AMQP_URL)",
+        "from oioioi.workers.conf import setting; "
+        "print(setting('RESULTS_QUEUE'), setting('AMQP_URL'), setting('RESULTS_BATCH_SIZE'))",
         DJANGO_SETTINGS_MODULE="site_settings",
         PYTHONPATH=str(tmp_path),
         OIOIOI_DATA_DIR=str(tmp_path / "data"),
         AMQP_URL="amqp://u:p@broker:5672/%2F",
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["site.results", "amqp://u:p@broker:5672/%2F"]
+    # The settings module wins, then the environment, then the default.
+    assert proc.stdout.split() == ["site.results", "amqp://u:p@broker:5672/%2F", "100"]
+
+
+def test_every_setting_has_a_default_and_the_environment_as_fallback(monkeypatch, settings):
+    """Inside an OIOIOI the settings module names none of the return path's settings."""
+    from oioioi.workers.conf import DEFAULTS, consumer_settings, setting
+
+    for name in DEFAULTS:
+        if hasattr(settings, name):
+            delattr(settings, name)
+        monkeypatch.delenv(name, raising=False)
+    assert setting("RESULTS_QUEUE") == "oioioi.workers.results"
+    assert setting("EVALMGR_DISPATCHER") == "oioioi.workers.dispatch.CeleryDispatcher"
+    assert setting("METRICS_PORT") is None
+    monkeypatch.setenv("RESULTS_BATCH_SIZE", "7")
+    monkeypatch.setenv("RESULTS_DECLARE_TOPOLOGY", "false")
+    assert consumer_settings().batch_size == 7
+    assert consumer_settings().declare_topology is False
+    settings.RESULTS_BATCH_SIZE = 9
+    assert consumer_settings().batch_size == 9

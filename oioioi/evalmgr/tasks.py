@@ -1,18 +1,15 @@
-"""The evaluation manager's public functions, named and behaving as upstream OIOIOI's.
+"""Stand-in for upstream OIOIOI's ``oioioi.evalmgr.tasks``: the same public functions, behaving alike.
 
 An environ is a JSON dict; its ``recipe`` is a list of ``(name, handler_path[, kwargs])`` phases run
-in order by :func:`evalmgr_job`. A phase may hand the job to an external system with
+in order by :func:`evalmgr_job`, a Celery task. A phase may hand the job to an external system with
 :func:`transfer_job`; the job then waits (state WAITING, environ parked in a ``SavedEnviron``) until
-:func:`delay_environ` is called with the external system's result, which resumes it.
+:func:`delay_environ` is called with the external system's result, which resumes it and queues
+:func:`evalmgr_job` for the rest of the recipe.
 
-Two departures from upstream, both about durability rather than behaviour:
-
-- upstream hands the resumed environ to Celery; here :func:`delay_environ` hands it to the
-  dispatcher named by ``settings.EVALMGR_DISPATCHER`` *inside the same transaction*, and the
-  dispatcher runs it after the commit (see :mod:`oioioi.evalmgr.dispatch`);
-- when the runner is given a ``run`` (a claimed pending run), each phase commits together with a
-  checkpoint of the environ, so a crash between phases resumes after the last committed phase
-  instead of running it again.
+This module is upstream's API as the return path sees it, for standalone runs and the fast tests;
+nothing of the return path lives here (see :mod:`oioioi.workers`). Like upstream,
+:func:`delay_environ` publishes the Celery task *inside* the caller's transaction and returns its
+``AsyncResult``; a phase raises Celery's :class:`~celery.exceptions.Ignore` to stop a job silently.
 """
 
 from __future__ import annotations
@@ -21,44 +18,37 @@ import copy
 import logging
 import pprint
 import sys
-from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 from uuid import uuid4
 
-from django.db import InterfaceError, OperationalError, transaction
+from celery import shared_task
+from celery.exceptions import Ignore
+from django.db import transaction
 from django.utils.module_loading import import_string
 
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.evalmgr.utils import mark_job_state, require_transaction
 
+__all__ = [
+    "Ignore",
+    "add_after_placeholder",
+    "add_after_recipe_entry",
+    "add_before_placeholder",
+    "add_before_recipe_entry",
+    "create_environ",
+    "delay_environ",
+    "evalmgr_job",
+    "extend_after_placeholder",
+    "extend_before_placeholder",
+    "find_recipe_entry",
+    "recipe_placeholder",
+    "replace_recipe_entry",
+    "transfer_job",
+]
+
 log = logging.getLogger(__name__)
 
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType]
-
-
-class Ignore(Exception):
-    """Raised by a phase (or the manager) to stop a job silently: it was cancelled or superseded."""
-
-
-class LeaseLost(Exception):
-    """Raised by a run whose claim was taken over by another runner; its phase is rolled back."""
-
-
-#: Errors of the infrastructure, not of the job: the run is left for a retry, and no error
-#: handler runs (they would delete a job that has done nothing wrong).
-INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    LeaseLost,
-    OperationalError,
-    InterfaceError,
-)
-
-
-class Run(Protocol):
-    """A claimed durable run; its writes must happen inside the caller's transaction."""
-
-    def checkpoint(self, environ: dict[str, Any]) -> None: ...
-
-    def finish(self) -> None: ...
+_PLACEHOLDER = "oioioi.evalmgr.tasks._placeholder"
 
 
 def _placeholder(environ: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -66,7 +56,7 @@ def _placeholder(environ: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
 
 
 def recipe_placeholder(name: str) -> tuple[str, str]:
-    return (name, "oioioi.evalmgr.tasks._placeholder")
+    return (name, _PLACEHOLDER)
 
 
 def find_recipe_entry(recipe: list[Any], name: str) -> int:
@@ -74,6 +64,35 @@ def find_recipe_entry(recipe: list[Any], name: str) -> int:
         if entry[0] == name:
             return i
     raise IndexError(f"Entry {name!r} not found in recipe")
+
+
+def _find_placeholder(recipe: list[Any], name: str) -> int:
+    for i, entry in enumerate(recipe):
+        if entry[0] == name and entry[1] == _PLACEHOLDER:
+            return i
+    raise IndexError(f"Placeholder {name!r} not found in recipe")
+
+
+def add_after_placeholder(environ: dict[str, Any], name: str, entry: Any) -> None:
+    recipe = environ["recipe"]
+    recipe.insert(_find_placeholder(recipe, name) + 1, entry)
+
+
+def add_before_placeholder(environ: dict[str, Any], name: str, entry: Any) -> None:
+    recipe = environ["recipe"]
+    recipe.insert(_find_placeholder(recipe, name), entry)
+
+
+def extend_after_placeholder(environ: dict[str, Any], name: str, entries: list[Any]) -> None:
+    recipe = environ["recipe"]
+    index = _find_placeholder(recipe, name) + 1
+    recipe[index:index] = entries
+
+
+def extend_before_placeholder(environ: dict[str, Any], name: str, entries: list[Any]) -> None:
+    recipe = environ["recipe"]
+    index = _find_placeholder(recipe, name)
+    recipe[index:index] = entries
 
 
 def add_after_recipe_entry(environ: dict[str, Any], name: str, entry: Any) -> None:
@@ -158,11 +177,12 @@ def _resume_job(environ: dict[str, Any]) -> dict[str, Any] | None:
 
 
 @require_transaction
-def delay_environ(environ: dict[str, Any], **evalmgr_extra_args: Any) -> str | None:
-    """Queue an environ for the recipe runner, resuming it first if it carries ``saved_environ_id``.
+def delay_environ(environ: dict[str, Any], **evalmgr_extra_args: Any) -> Any:
+    """Queue an environ for :func:`evalmgr_job`, resuming it first if it carries
+    ``saved_environ_id``. Must be called inside a transaction.
 
-    Must be called inside a transaction. Returns the dispatcher's handle, or None when the job was
-    already resumed or was cancelled (then nothing else happens).
+    Returns the task's ``AsyncResult``, or None when the job was already resumed or was cancelled.
+    As upstream, the task is published before the caller's transaction commits.
     """
     if "saved_environ_id" in environ:
         resumed = _resume_job(environ)
@@ -171,11 +191,9 @@ def delay_environ(environ: dict[str, Any], **evalmgr_extra_args: Any) -> str | N
         environ = resumed
     if not mark_job_state(environ, "QUEUED"):
         return None
-    from oioioi.evalmgr.dispatch import get_dispatcher
-
-    handle = get_dispatcher().dispatch(environ, **evalmgr_extra_args)
-    QueuedJob.objects.filter(job_id=environ["job_id"]).update(celery_task_id=handle)
-    return handle
+    async_result = evalmgr_job.apply_async((environ,), **evalmgr_extra_args)
+    QueuedJob.objects.filter(job_id=environ["job_id"]).update(celery_task_id=async_result.id)
+    return async_result
 
 
 def _mark_job_state(environ: dict[str, Any], state: str) -> None:
@@ -185,27 +203,20 @@ def _mark_job_state(environ: dict[str, Any], state: str) -> None:
         raise Ignore
 
 
-def _job_finished(environ: dict[str, Any], run: Run | None) -> dict[str, Any]:
+def _job_finished(environ: dict[str, Any]) -> dict[str, Any]:
     with transaction.atomic():
         QueuedJob.objects.filter(job_id=environ["job_id"]).delete()
-        if run is not None:
-            run.finish()
     return environ
 
 
 def _transfer_job(
-    environ: dict[str, Any],
-    transfer_func: str,
-    transfer_kwargs: dict[str, Any],
-    run: Run | None,
+    environ: dict[str, Any], transfer_func: str, transfer_kwargs: dict[str, Any]
 ) -> dict[str, Any]:
     with transaction.atomic():
         marked = mark_job_state(environ, "WAITING")
         if marked:
             # Saved without ``transfer`` (popped by the caller) or ``saved_environ_id``.
             environ["saved_environ_id"] = SavedEnviron.save_environ(environ).id
-        if run is not None:
-            run.finish()
     if not marked:
         raise Ignore
     try:
@@ -217,7 +228,7 @@ def _transfer_job(
     return environ
 
 
-def _run_error_handlers(env: dict[str, Any], exc_info: ExcInfo) -> dict[str, Any]:
+def _run_error_handlers(env: dict[str, Any], exc_info: Any) -> dict[str, Any]:
     log.debug("Handling exception %r in job:\n%s", exc_info[0], pprint.pformat(env, indent=4))
     try:
         for phase in env.get("error_handlers", []):
@@ -234,14 +245,14 @@ def _run_error_handlers(env: dict[str, Any], exc_info: ExcInfo) -> dict[str, Any
     return env
 
 
-def evalmgr_job(env: dict[str, Any], run: Run | None = None) -> dict[str, Any]:
+@shared_task
+def evalmgr_job(env: dict[str, Any]) -> dict[str, Any]:
     """Run an environ's recipe until it finishes or is transferred; returns the processed copy.
 
-    Don't call this to queue an environ; use :func:`delay_environ`. Phases run in order, each
-    receiving the environ the previous one returned. On an exception other than :class:`Ignore`
-    the ``error_handlers`` run with ``exc_info``, and the exception propagates unless one of them
-    set ``ignore_errors``. With ``run``, each phase commits together with a checkpoint of the
-    environ, and the run is finished in the same transaction as the job's last step.
+    Don't queue this directly; use :func:`delay_environ`. Phases run in order, each receiving the
+    environ the previous one returned. On an exception other than :class:`Ignore` the
+    ``error_handlers`` run with ``exc_info``, and the exception propagates unless one of them set
+    ``ignore_errors``; an :class:`Ignore` stops the job and propagates to Celery.
     """
     env = copy.deepcopy(env)
     try:
@@ -252,37 +263,22 @@ def evalmgr_job(env: dict[str, Any], run: Run | None = None) -> dict[str, Any]:
                 'No recipe found in job environment. Did you forget to set environ["run_externally"]?'
             )
         if "error" in env:
-            error = env["error"] if isinstance(env["error"], dict) else {"message": env["error"]}
             raise RuntimeError(
                 "Error from workers:\n{}\nTB:\n{}".format(
-                    error.get("message"), error.get("traceback")
+                    env["error"]["message"], env["error"]["traceback"]
                 )
             )
         _mark_job_state(env, "PROGRESS")
         while True:
             recipe = env.get("recipe")
             if not recipe:
-                return _job_finished(env, run)
-            with transaction.atomic():
-                phase = recipe[0]
-                env["recipe"] = recipe[1:]
-                env = _run_phase(env, phase)
-                if run is not None and "transfer" not in env:
-                    run.checkpoint(env)
+                return _job_finished(env)
+            phase = recipe[0]
+            env["recipe"] = recipe[1:]
+            env = _run_phase(env, phase)
             if "transfer" in env:
-                return _transfer_job(env, run=run, **env.pop("transfer"))
-    except INFRASTRUCTURE_ERRORS:
-        raise
+                return _transfer_job(env, **env.pop("transfer"))
     except Ignore:
-        if run is not None:
-            with transaction.atomic():
-                run.finish()
         raise
     except Exception:
-        exc_info = sys.exc_info()
-        try:
-            return _run_error_handlers(env, exc_info)  # type: ignore[arg-type]
-        finally:
-            if run is not None:
-                with transaction.atomic():
-                    run.finish()
+        return _run_error_handlers(env, sys.exc_info())

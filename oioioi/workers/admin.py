@@ -17,11 +17,11 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from oioioi.evalmgr.admin import job_link
-from oioioi.evalmgr.dispatch import MAX_ATTEMPTS
 from oioioi.evalmgr.models import QueuedJob
 from oioioi.workers import admin_views
 from oioioi.workers.admin_helpers import AgeFilter, ReadOnlyAdminMixin, age, badge, pre, pretty_json
+from oioioi.workers.admin_jobs import job_link
+from oioioi.workers.claims import MAX_ATTEMPTS
 from oioioi.workers.models import DeadLetterQueue, PendingRun, ReceivedResult
 from oioioi.workers.permissions import VIEW_PERMISSION
 

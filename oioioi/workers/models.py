@@ -6,11 +6,22 @@ from django.db import models
 from django.utils import timezone
 
 
+def _id() -> models.BigAutoField:
+    # Stated rather than left to the app's DEFAULT_AUTO_FIELD: installed into an OIOIOI, this app
+    # shares upstream's ``workers`` app config, whose default is AutoField. Written as Django
+    # writes the implicit one, so the migrations stay as they are.
+    return models.BigAutoField(
+        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+    )
+
+
 class ReceivedResult(models.Model):
     """The inbox: one row per result applied, written in the same transaction as its effect.
 
     A redelivered message finds its key here and is acknowledged without a second effect.
     """
+
+    id = _id()
 
     #: ``message_id`` of the AMQP message, or ``sha256:<hex>`` of its body when it has none.
     key = models.CharField(max_length=255, unique=True)
@@ -34,6 +45,8 @@ class ReceivedResult(models.Model):
 class PendingRun(models.Model):
     """A resumed environ waiting for (or being run by) the recipe runner: the durable hand-off."""
 
+    id = _id()
+
     job_id = models.CharField(max_length=255, db_index=True)
     environ = models.TextField(help_text="JSON-encoded environ, checkpointed after each phase")
     created_at = models.DateTimeField(default=timezone.now)
@@ -55,6 +68,8 @@ class DeliveryAttempt(models.Model):
     Written in a transaction of its own before the message's write, so a crash mid-write cannot
     roll it back; a quorum queue keeps this count itself (``x-delivery-count``).
     """
+
+    id = _id()
 
     #: The message's inbox key (``ReceivedResult.key``).
     key = models.CharField(max_length=255, unique=True)

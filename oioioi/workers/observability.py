@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from django.conf import settings as django_settings
 from django.core.management.base import CommandError
 
 from consumer.config import Settings
 from consumer.health import BrokerWatch, HealthServer, serve
 from consumer.metrics import PrometheusObserver
+from oioioi.workers.conf import setting
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ def metrics_port(option: int | None) -> int | None:
     """``--metrics-port`` if given, else ``METRICS_PORT``; None (off) when neither is set."""
     if option is not None:
         return option or None
-    port: int | None = django_settings.METRICS_PORT
+    port: int | None = setting("METRICS_PORT")
     return port
 
 
@@ -53,7 +53,7 @@ def start(option: int | None, *, watch_broker: Settings | None = None) -> Observ
     if watch_broker is None:
         checks["database"] = lambda: observer.database_is_up
     try:
-        setup.server = serve(port, observer.registry, checks, host=django_settings.METRICS_ADDR)
+        setup.server = serve(port, observer.registry, checks, host=setting("METRICS_ADDR"))
     except OSError as e:
         raise CommandError(str(e)) from e
     if watch_broker is not None:

@@ -23,13 +23,14 @@ from django.db import (
 from django.db.models import F
 from django.utils import timezone
 
+from consumer.config import Settings
 from consumer.consumer import Store
 from consumer.decode import Result
 from consumer.errors import RejectedEnviron
-from oioioi.evalmgr.batch import delay_environs
-from oioioi.evalmgr.dispatch import get_dispatcher
-from oioioi.evalmgr.sql import insert_returning
+from oioioi.workers.dispatch import get_dispatcher
 from oioioi.workers.models import DeliveryAttempt, ReceivedResult
+from oioioi.workers.resume import delay_environs
+from oioioi.workers.sql import insert_returning
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,13 @@ class ReadOnlyDatabase(OperationalError):
 _READ_ONLY_SQLSTATE = "25006"
 
 
+def sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of a database error Django wrapped: psycopg 3 names it ``sqlstate``,
+    psycopg2 ``pgcode``."""
+    cause = error.__cause__
+    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+
+
 def _read_only_is_transient(func: Callable[P, R]) -> Callable[P, R]:
     """Re-raise a refused write on a read-only server as :class:`ReadOnlyDatabase`.
 
@@ -145,7 +153,7 @@ def _read_only_is_transient(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except InternalError as e:
-            if getattr(e.__cause__, "sqlstate", None) == _READ_ONLY_SQLSTATE:
+            if sqlstate(e) == _READ_ONLY_SQLSTATE:
                 raise ReadOnlyDatabase(str(e)) from e
             raise
 
@@ -227,6 +235,20 @@ def probe() -> None:
 
 def reset() -> None:
     connection.close()
+
+
+def describe(settings: Settings) -> str:
+    """One line for the log at start: which write path and which recipe runner this runs."""
+    if _bulk_inbox():
+        write_path = (
+            f"in batches of up to {settings.batch_size} results, a few set-based statements "
+            "per batch"
+        )
+    else:
+        write_path = "one result at a time (no INSERT ... ON CONFLICT ... RETURNING here)"
+    dispatcher = get_dispatcher()
+    runner = getattr(dispatcher, "description", type(dispatcher).__qualname__)
+    return f"Writing results {write_path} on {connection.vendor}; recipes {runner}."
 
 
 def after_ack() -> None:

@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 
 import pika
 import pika.exceptions
-from django.conf import settings as django_settings
 from django.utils import timezone
 from pika.adapters.utils.connection_workflow import (
     AMQPConnectorStackTimeout,
@@ -23,6 +22,7 @@ from consumer.config import Settings
 from consumer.redact import redact_text
 from consumer.transport import CONNECTION_ERRORS, connection_parameters
 from oioioi.evalmgr.models import QueuedJob
+from oioioi.workers.conf import setting
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _describe(error: BaseException) -> str:
 
 
 def stale_threshold() -> timedelta:
-    return timedelta(seconds=django_settings.EVALMGR_STALE_JOB_SECONDS)
+    return timedelta(seconds=setting("EVALMGR_STALE_JOB_SECONDS"))
 
 
 def stale_cutoff(now: datetime | None = None) -> datetime:

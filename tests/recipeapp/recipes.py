@@ -146,3 +146,10 @@ class DispatchOnly:
 
     def run_pending(self, limit: int | None = None, *, sweep: bool = True) -> int:
         return 0
+
+
+def ignore(env: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """A phase that stops its job silently, as upstream's suspendjudge does (Celery's Ignore)."""
+    from celery.exceptions import Ignore
+
+    raise Ignore

@@ -10,10 +10,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from oioioi.workers.conf import setting
 from oioioi.workers.models import DeliveryAttempt, ReceivedResult
 
 
@@ -41,7 +41,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         days = options["days"]
         if days is None:
-            days = settings.RESULTS_INBOX_RETENTION_DAYS
+            days = setting("RESULTS_INBOX_RETENTION_DAYS")
         if days < 0:
             raise CommandError("--days must not be negative.")
         chunk = options["chunk_size"]

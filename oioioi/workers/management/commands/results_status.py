@@ -23,8 +23,8 @@ from consumer import deadletters
 from consumer.config import Settings
 from consumer.errors import ConsumerError
 from consumer.redact import redact_text, redact_url
-from oioioi.evalmgr.dispatch import MAX_ATTEMPTS
 from oioioi.evalmgr.models import QueuedJob
+from oioioi.workers.claims import MAX_ATTEMPTS
 from oioioi.workers.conf import consumer_settings
 from oioioi.workers.models import PendingRun
 from oioioi.workers.status import BrokerStatus, broker_status

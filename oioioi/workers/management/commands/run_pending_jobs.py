@@ -16,7 +16,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, close_old_connections, reset_queries
 
-from oioioi.evalmgr.dispatch import get_dispatcher
+from oioioi.workers.dispatch import get_dispatcher
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ import signal
 from types import FrameType
 from typing import Any
 
-from django.conf import settings as django_settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, OperationalError, connections
 from django.db.migrations.executor import MigrationExecutor
@@ -17,7 +16,8 @@ from consumer import shim
 from consumer.consumer import ResultsConsumer
 from consumer.shim import ShimConfig
 from oioioi.workers import observability, receive
-from oioioi.workers.conf import consumer_settings
+from oioioi.workers.conf import consumer_settings, setting
+from oioioi.workers.dispatch import get_dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ class Command(BaseCommand):
             batch_size=options.get("batch_size"), prefetch=options.get("prefetch")
         )
         self._check_migrations()
+        try:
+            get_dispatcher()
+        except ImportError as e:
+            raise CommandError(f"Invalid EVALMGR_DISPATCHER: {e}") from e
+        log.info("%s", receive.describe(settings))
         metrics = observability.start(options.get("metrics_port"))
         consumer = ResultsConsumer(settings, receive.store(), observer=metrics.observer)
         self._install_signal_handlers(consumer)
@@ -73,19 +78,18 @@ class Command(BaseCommand):
 
     def _run_shim(self, options: dict[str, Any]) -> None:
         # No migration check: the shim never touches the database, and must not need it.
-        s = django_settings
         try:
             config = ShimConfig(
-                max_body_bytes=s.SHIM_MAX_BODY_BYTES,
-                threads=s.SHIM_THREADS,
-                read_timeout=s.SHIM_READ_TIMEOUT,
-                auth_token=s.SHIM_AUTH_TOKEN,
+                max_body_bytes=setting("SHIM_MAX_BODY_BYTES"),
+                threads=setting("SHIM_THREADS"),
+                read_timeout=setting("SHIM_READ_TIMEOUT"),
+                auth_token=setting("SHIM_AUTH_TOKEN"),
             )
         except ValueError as e:
             raise CommandError(f"Invalid SHIM_* setting: {e}") from e
-        addr = options.get("addr") or s.SIOWORKERS_LISTEN_ADDR
+        addr = options.get("addr") or setting("SIOWORKERS_LISTEN_ADDR")
         port = options.get("port")
-        port = s.SIOWORKERS_LISTEN_PORT if port is None else port
+        port = setting("SIOWORKERS_LISTEN_PORT") if port is None else port
         servers: list[shim.Server] = []
 
         def on_signal(signum: int, frame: FrameType | None) -> None:

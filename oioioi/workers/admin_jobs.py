@@ -1,4 +1,4 @@
-"""Operator pages of the evaluation manager: where each job is, and which ones need someone.
+"""Operator pages of the evaluation manager's tables: where each job is, and which ones need someone.
 
 The rows are the evaluation manager's own state: the pages show them and allow deleting (a job
 an operator has given up on), never editing, since a hand-edited environ or state would resume a

@@ -292,3 +292,8 @@ def delete_in(
         return f"DELETE FROM {db.ops.quote_name(model._meta.db_table)} WHERE {condition}"
 
     return sum(c.rowcount for c in _by_keys(model, key, keys, where, statement))
+
+
+def chunks(items: Sequence[Any], size: int = MAX_KEYS) -> list[Sequence[Any]]:
+    """``items`` in slices of at most ``size``."""
+    return [items[i : i + size] for i in range(0, len(items), size)]

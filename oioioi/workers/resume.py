@@ -1,0 +1,114 @@
+"""Resuming jobs with their results: upstream's ``delay_environ``, set-based and with a durable
+hand-off instead of a Celery publish inside the transaction.
+
+:func:`delay_environs` does, for each environ of a list, in order and inside the caller's
+transaction, what upstream's ``delay_environ`` does: lock and delete the job's ``SavedEnviron``,
+merge the result into it with the saved ``restore_environ_func``, mark the job QUEUED (or drop a
+CANCELLED one) and hand the resumed environ on. The hand-off is a row written in the same
+transaction (:mod:`oioioi.workers.dispatch`), so it commits or rolls back with the resume; upstream
+publishes ``evalmgr_job`` to Celery before the commit, so that a commit that then fails leaves a
+task running a resume that never happened, and a task lost after the commit leaves the job QUEUED
+for ever.
+
+It uses upstream's tables and restore functions as they are, with a few statements for the whole
+list. Where sharing statements could change an outcome (two environs of one job in a list) the
+environs are queued one after another, each seeing what the one before did.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from django.utils.module_loading import import_string
+
+from oioioi.evalmgr.models import SavedEnviron
+from oioioi.workers.dispatch import Dispatcher, get_dispatcher
+from oioioi.workers.jobs import CANCELLED, distinct_jobs, lock_jobs, set_states
+from oioioi.workers.sql import can_delete_plainly, chunks, delete_in, select_in
+from oioioi.workers.transactions import require_transaction
+
+log = logging.getLogger(__name__)
+
+
+def _take_saved_environs(ids: Collection[int]) -> dict[int, str]:
+    """Lock the saved environs (in id order), delete them, and return their JSON by id."""
+    if not ids:
+        return {}
+    rows = select_in(SavedEnviron, ["id", "environ"], "id", sorted(set(ids)), lock=True)
+    taken: dict[int, str] = {pk: text for pk, text in rows}
+    if not taken:
+        return taken
+    if can_delete_plainly(SavedEnviron):
+        delete_in(SavedEnviron, "id", list(taken))
+    else:
+        for part in chunks(sorted(taken)):
+            SavedEnviron.objects.filter(id__in=part).delete()
+    return taken
+
+
+@require_transaction
+def delay_environs(
+    environs: Sequence[dict[str, Any]], *, run_here: bool = False
+) -> list[str | None]:
+    """``delay_environ`` on each environ, in order, inside the caller's transaction.
+
+    Returns the hand-off's handle for each (also written to the job's ``celery_task_id``), or None
+    where the job was already resumed or was cancelled. Like ``delay_environ`` it pops
+    ``saved_environ_id`` from the environs it is given. ``run_here`` tells the dispatcher that the
+    caller runs the recipes itself after the commit (:meth:`~oioioi.workers.dispatch.Dispatcher.
+    run_pending`).
+    """
+    results: list[str | None] = [None] * len(environs)
+    saved = _take_saved_environs(
+        [env["saved_environ_id"] for env in environs if "saved_environ_id" in env]
+    )
+    resumed: list[tuple[int, dict[str, Any]]] = []
+    for i, env in enumerate(environs):
+        if "saved_environ_id" in env:
+            saved_environ_id = env.pop("saved_environ_id")
+            # Taken off the map: a second environ for the same saved environ finds it resumed,
+            # as it would after the first one's delay_environ.
+            text = saved.pop(saved_environ_id, None)
+            if text is None:
+                log.info("Job with environ id %r already resumed, ignoring.", saved_environ_id)
+                continue
+            saved_environ = json.loads(text)
+            restore = import_string(saved_environ.pop("restore_environ_func"))
+            env = restore(saved_environ, env)
+        resumed.append((i, env))
+    if distinct_jobs([env for _, env in resumed]):
+        groups = [resumed]
+    else:
+        # Two environs of one job: the second must see what the first did to it.
+        groups = [[item] for item in resumed]
+    for group in groups:
+        handles = _queue([env for _, env in group], run_here)
+        for (i, _), handle in zip(group, handles, strict=True):
+            results[i] = handle
+    return results
+
+
+def delay_environ(environ: dict[str, Any], *, run_here: bool = False) -> str | None:
+    """:func:`delay_environs` for one environ."""
+    return delay_environs([environ], run_here=run_here)[0]
+
+
+def _queue(environs: Sequence[dict[str, Any]], run_here: bool) -> list[str | None]:
+    """The rest of ``delay_environ`` for resumed environs of distinct jobs: mark them QUEUED
+    (the state and the hand-off's handle in one statement) and hand them on."""
+    if not environs:
+        return []
+    found = lock_jobs(environs)
+    going = [env for env in environs if found.get(env["job_id"]) != CANCELLED]
+    dispatcher = get_dispatcher()
+    if isinstance(dispatcher, Dispatcher):
+        handles = dispatcher.dispatch_many(going, run_here=run_here) if going else []
+    else:
+        # A dispatcher of another lineage may know only dispatch().
+        handles = [dispatcher.dispatch(env) for env in going]
+    task_ids = {env["job_id"]: h for env, h in zip(going, handles, strict=True)}
+    set_states(going, found, "QUEUED", task_ids)
+    return [task_ids.get(env["job_id"]) for env in environs]

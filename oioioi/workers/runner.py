@@ -1,0 +1,389 @@
+"""Running resumed recipes from durable runs: upstream's ``evalmgr_job``, checkpointed.
+
+:func:`run_one` is ``evalmgr_job(env)`` for one claimed run, with each phase committed together
+with a checkpoint of the environ, so that a runner killed between phases resumes after the last
+committed phase instead of running it again. :func:`run_recipes` does the same for many runs: a
+phase of every job at a time, each such round in one transaction with the checkpoints of all its
+jobs.
+
+Both keep upstream's semantics for what a job sees: the same states in the same order, the same
+error handlers (run with ``exc_info``; the exception propagates unless one set ``ignore_errors``),
+Celery's :class:`~celery.exceptions.Ignore` stopping a job silently, and a transfer's call to the
+external system made after the environ is saved and committed. Errors of the infrastructure
+(:data:`INFRASTRUCTURE_ERRORS`) are not the job's: no error handler runs (they would delete a job
+that did nothing wrong), and the run stays for a retry.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import pprint
+import sys
+from collections.abc import Callable, Collection, Hashable, Mapping
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+from celery.exceptions import Ignore
+from django.db import InterfaceError, OperationalError, connection, transaction
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from oioioi.evalmgr.models import SavedEnviron
+from oioioi.workers.jobs import delete_jobs, distinct_jobs, mark_jobs_state
+from oioioi.workers.sql import insert_returning
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType]
+
+__all__ = ["INFRASTRUCTURE_ERRORS", "Ignore", "LeaseLost", "run_one", "run_recipes"]
+
+
+class LeaseLost(Exception):
+    """Raised by a run whose claim was taken over by another runner; its phase is rolled back."""
+
+
+#: Errors of the infrastructure, not of the job: the run is left for a retry, and no error
+#: handler runs.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    LeaseLost,
+    OperationalError,
+    InterfaceError,
+)
+
+
+class Run(Protocol):
+    """A claimed durable run; its writes happen inside the caller's transaction."""
+
+    def checkpoint(self, environ: dict[str, Any]) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class Runs(Protocol[K]):
+    """The claimed durable runs of one batch; every method runs in the caller's transaction."""
+
+    def keep(self, keys: Collection[K]) -> set[K]:
+        """Lock the runs still claimed by this batch; the others were taken over by another
+        runner (their claim had expired)."""
+        ...
+
+    def checkpoint(self, environs: Mapping[K, str]) -> None:
+        """Save each run's environ (JSON) as of the phase just run."""
+        ...
+
+    def finish(self, keys: Collection[K]) -> None:
+        """End the runs (their jobs finished, were transferred or were cancelled)."""
+        ...
+
+
+_controllers_loaded = False
+
+
+def load_controllers() -> None:
+    """Import every app's ``controllers`` module, once, before the first phase runs.
+
+    Upstream's ``evalmgr_job`` does this so that contest controllers get their mix-ins before a
+    recipe uses them; a runner outside Celery must do the same. The stand-in has no such loader.
+    """
+    global _controllers_loaded
+    if _controllers_loaded:
+        return
+    try:
+        from oioioi.base.utils.loaders import load_modules  # type: ignore[import-not-found]
+    except ImportError:
+        pass
+    else:
+        load_modules("controllers")
+    _controllers_loaded = True
+
+
+def run_phase(
+    env: dict[str, Any], phase: Any, extra_kwargs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Call one recipe entry ``(name, handler_path[, kwargs])`` on ``env``, as upstream does."""
+    if len(phase) not in (2, 3):
+        raise TypeError(f"Recipe element has length neither 2 nor 3: {phase!r}")
+    name, handler_path = phase[0], phase[1]
+    kwargs = dict(phase[2]) if len(phase) == 3 else {}
+    if extra_kwargs:
+        kwargs.update(extra_kwargs)
+    result = import_string(handler_path)(env, **kwargs)
+    if result is None:
+        raise RuntimeError(
+            f'Evaluation handler "{name}" ({handler_path}) forgot to return the environment.'
+        )
+    return result
+
+
+def run_error_handlers(env: dict[str, Any], exc_info: ExcInfo) -> dict[str, Any]:
+    """Run the environ's ``error_handlers`` with ``exc_info``; re-raise the error unless one of
+    them set ``ignore_errors``."""
+    log.debug("Handling exception %r in job:\n%s", exc_info[0], pprint.pformat(env, indent=4))
+    try:
+        for phase in env.get("error_handlers", []):
+            env = run_phase(env, phase, extra_kwargs={"exc_info": exc_info})
+    except Exception:
+        log.error(
+            "Exception in the job's error handlers:\n%s",
+            pprint.pformat(env, indent=4),
+            exc_info=True,
+        )
+    if not env.get("ignore_errors"):
+        log.error("Exception in job %r.", env.get("job_id"), exc_info=exc_info)
+        raise exc_info[1].with_traceback(exc_info[2])
+    return env
+
+
+def _can_start(env: dict[str, Any]) -> bool:
+    """Whether ``evalmgr_job`` would run a phase of ``env`` rather than fail it at once."""
+    return "job_id" in env and "recipe" in env and "error" not in env
+
+
+def _refuse(env: dict[str, Any]) -> None:
+    """Raise what ``evalmgr_job`` raises for an environ it cannot start."""
+    if "job_id" not in env:
+        raise RuntimeError("No job_id found in environ")
+    if "recipe" not in env:
+        raise RuntimeError(
+            'No recipe found in job environment. Did you forget to set environ["run_externally"]?'
+        )
+    error = env["error"] if isinstance(env["error"], dict) else {"message": env["error"]}
+    raise RuntimeError(
+        "Error from workers:\n{}\nTB:\n{}".format(error.get("message"), error.get("traceback"))
+    )
+
+
+def _save_environs(environs: list[dict[str, Any]]) -> list[int]:
+    """``SavedEnviron.save_environ`` for each, with one statement where the database allows."""
+    if not connection.features.can_return_rows_from_bulk_insert:
+        return [SavedEnviron.save_environ(env).id for env in environs]
+    now = timezone.now()
+    rows = [(env["job_id"], json.dumps(env), now) for env in environs]
+    created = insert_returning(
+        SavedEnviron, ["queued_job", "environ", "save_time"], rows, ["queued_job", "id"]
+    )
+    id_of = dict(created)
+    return [id_of[env["job_id"]] for env in environs]
+
+
+def _transfer(env: dict[str, Any], transfer: dict[str, Any]) -> None:
+    """Hand a parked job to the external system, after its save has committed; if that fails,
+    forget the save and re-raise (the caller runs the error handlers, as ``evalmgr_job`` does)."""
+    try:
+        import_string(transfer["transfer_func"])(env, **transfer.get("transfer_kwargs", {}))
+    except Exception:
+        with transaction.atomic():
+            SavedEnviron.objects.filter(id=env.pop("saved_environ_id")).delete()
+        raise
+
+
+# --- one run -------------------------------------------------------------------------------------
+
+
+def _state(env: dict[str, Any], state: str) -> None:
+    with transaction.atomic():
+        going = mark_jobs_state([env], state)[0]
+    if not going:
+        raise Ignore
+
+
+def run_one(env: dict[str, Any], run: Run) -> dict[str, Any]:
+    """``evalmgr_job(env)`` for a claimed run, each phase committed with a checkpoint; returns the
+    processed copy.
+
+    The run is finished in the same transaction as the job's last step (its end, its transfer,
+    or its cancellation); an error handled by the error handlers finishes it too.
+    """
+    load_controllers()
+    env = copy.deepcopy(env)
+    try:
+        if not _can_start(env):
+            _refuse(env)
+        _state(env, "PROGRESS")
+        while True:
+            recipe = env.get("recipe")
+            if not recipe:
+                with transaction.atomic():
+                    delete_jobs([env["job_id"]])
+                    run.finish()
+                return env
+            with transaction.atomic():
+                env["recipe"] = recipe[1:]
+                env = run_phase(env, recipe[0])
+                if "transfer" not in env:
+                    run.checkpoint(env)
+            if "transfer" in env:
+                transfer = env.pop("transfer")
+                with transaction.atomic():
+                    parked = mark_jobs_state([env], "WAITING")[0]
+                    if parked:
+                        # Saved without ``transfer`` or ``saved_environ_id``, as upstream.
+                        env["saved_environ_id"] = _save_environs([env])[0]
+                    run.finish()
+                if not parked:
+                    raise Ignore
+                _transfer(env, transfer)
+                return env
+    except INFRASTRUCTURE_ERRORS:
+        raise
+    except Ignore:
+        with transaction.atomic():
+            run.finish()
+        raise
+    except Exception:
+        exc_info = sys.exc_info()
+        try:
+            return run_error_handlers(env, exc_info)  # type: ignore[arg-type]
+        finally:
+            with transaction.atomic():
+                run.finish()
+
+
+# --- many runs -----------------------------------------------------------------------------------
+
+
+def run_recipes(
+    environs: Mapping[K, str],
+    runs: Runs[K],
+    alone: Callable[[K, dict[str, Any]], None],
+    *,
+    parsed: Mapping[K, dict[str, Any]] | None = None,
+) -> int:
+    """Run the recipes of claimed runs (environ JSON by run) as :func:`run_one` does; returns how
+    many runs it took. ``parsed`` may give environs already decoded from that JSON, which are then
+    the runner's to change.
+
+    The jobs go PROGRESS together, then run in rounds: one phase of every job still running, in
+    one transaction that also checkpoints each, finishes the jobs left without a recipe and parks
+    the ones a phase transferred. A transfer's call to the external system follows the commit.
+
+    A job that ``evalmgr_job`` would stop before its first phase (no recipe, an error from the
+    workers), or whose round fails because some phase raised, goes to ``alone(key, environ)``,
+    which runs it on its own (:func:`run_one`) from its last committed state: a phase's failure is
+    never charged to the jobs that shared its round. Errors of the infrastructure propagate; the
+    runs stay claimed for the caller to retry.
+    """
+    load_controllers()
+    ran = 0
+
+    def on_its_own(key: K, env: dict[str, Any]) -> None:
+        nonlocal ran
+        ran += 1
+        alone(key, env)
+
+    ready: dict[K, dict[str, Any]] = {}
+    for key, text in environs.items():
+        env = parsed[key] if parsed is not None and key in parsed else json.loads(text)
+        if _can_start(env):
+            ready[key] = env
+        else:
+            on_its_own(key, env)
+    if not ready:
+        return ran
+    if not distinct_jobs(list(ready.values())):
+        for key, env in ready.items():
+            on_its_own(key, env)
+        return ran
+    snapshot = {key: environs[key] for key in ready}
+    try:
+        with transaction.atomic():
+            kept = runs.keep(ready)
+            order = [key for key in ready if key in kept]
+            marked = mark_jobs_state([ready[key] for key in order], "PROGRESS")
+            cancelled = [key for key, ok in zip(order, marked, strict=True) if not ok]
+            if cancelled:
+                runs.finish(cancelled)
+    except INFRASTRUCTURE_ERRORS:
+        raise
+    except Exception:
+        log.warning(
+            "Marking a batch of jobs in progress failed; running them one by one.", exc_info=True
+        )
+        for key in ready:
+            on_its_own(key, json.loads(snapshot[key]))
+        return ran
+    _lost(ready, kept)
+    ran += len(order)
+    for key in cancelled:
+        log.info("Job %r was cancelled; its run ended.", ready[key]["job_id"])
+    active = {key: ready[key] for key in order if key not in set(cancelled)}
+    while active:
+        try:
+            active, snapshot, transfers = _round(active, snapshot, runs)
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception:
+            # Some phase raised (a bug, a cancelled job's Ignore): the round rolled back, so
+            # every job of it starts again on its own from its last checkpoint, where a failure
+            # is its own alone.
+            for key in list(active):
+                alone(key, json.loads(snapshot[key]))
+            return ran
+        for env, transfer in transfers:
+            try:
+                _transfer(env, transfer)
+            except Exception:
+                try:
+                    run_error_handlers(env, sys.exc_info())  # type: ignore[arg-type]
+                except Exception:
+                    log.exception("Job %r failed in its recipe.", env.get("job_id"))
+    return ran
+
+
+def _lost(wanted: Collection[Any], kept: Collection[Any]) -> None:
+    for key in wanted:
+        if key not in kept:
+            log.warning("Run %r was taken over by another runner.", key)
+
+
+def _round(
+    active: dict[K, dict[str, Any]], snapshot: dict[K, str], runs: Runs[K]
+) -> tuple[dict[K, dict[str, Any]], dict[K, str], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """One phase of each job, committed together: returns the jobs that go on (and their
+    checkpoints), and the transfers to make now that the jobs are parked."""
+    with transaction.atomic():
+        kept = runs.keep(active)
+        _lost(active, kept)
+        going: dict[K, dict[str, Any]] = {}
+        finished: list[K] = []
+        moving: dict[K, tuple[dict[str, Any], dict[str, Any]]] = {}
+        for key in active:
+            if key not in kept:
+                continue
+            env = active[key]
+            recipe = env.get("recipe")
+            if recipe:
+                env["recipe"] = recipe[1:]
+                env = run_phase(env, recipe[0])
+            if "transfer" in env:
+                # Saved without ``transfer``, as evalmgr_job saves it.
+                moving[key] = (env, env.pop("transfer"))
+            elif env.get("recipe"):
+                going[key] = env
+            else:
+                finished.append(key)
+        if finished:
+            delete_jobs([active[key]["job_id"] for key in finished])
+        transfers: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        if moving:
+            keys = list(moving)
+            marked = mark_jobs_state([moving[key][0] for key in keys], "WAITING")
+            parked = [key for key, ok in zip(keys, marked, strict=True) if ok]
+            saved_ids = _save_environs([moving[key][0] for key in parked])
+            for key, saved_id in zip(parked, saved_ids, strict=True):
+                env, transfer = moving[key]
+                env["saved_environ_id"] = saved_id
+                transfers.append((env, transfer))
+            for key, ok in zip(keys, marked, strict=True):
+                if not ok:
+                    log.info("Job %r was cancelled; its run ended.", moving[key][0]["job_id"])
+        if finished or moving:
+            runs.finish([*finished, *moving])
+        texts = {key: json.dumps(env) for key, env in going.items()}
+        if texts:
+            runs.checkpoint(texts)
+    return going, texts, transfers
