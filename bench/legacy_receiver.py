@@ -12,9 +12,9 @@ runs a ``socketserver.TCPServer`` (one request at a time, default listen backlog
 4. answers 200 ``OK`` after the commit, logging four INFO lines per request as upstream does.
 
 Upstream's ``delay_environ`` hands the resumed environ to Celery (``evalmgr_job.apply_async``)
-inside the transaction. :class:`CeleryLikeDispatcher` does the same amount of work: it serialises
-the environ to JSON and publishes it, persistent and without confirms (kombu's defaults), on a
-connection kept open, to a queue of the benchmark's own. The recipe then runs elsewhere (a Celery
+inside the transaction; the stand-in's ``delay_environ`` does the same with real Celery (kombu's
+persistent publish without confirms, on a pooled connection), to a queue of the benchmark's own
+(``EVALMGR_CELERY_QUEUE``, ``CELERY_ALWAYS_EAGER=0``). The recipe then runs elsewhere (a Celery
 worker), so its cost is not charged to this receiver, while the consumer pays for its own recipes.
 
 Run: ``DJANGO_SETTINGS_MODULE=bench.settings python -m bench.legacy_receiver --port N``.
@@ -28,35 +28,8 @@ import json
 import logging
 import os
 import socketserver
-import uuid
-from typing import Any
 
 log = logging.getLogger("bench.legacy_receiver")
-
-
-class CeleryLikeDispatcher:
-    """``evalmgr_job.apply_async((environ,))`` as far as the receiver can tell: one publish."""
-
-    def __init__(self) -> None:
-        import pika
-
-        self.queue = os.environ["BENCH_CELERY_QUEUE"]
-        params = pika.URLParameters(os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/"))
-        params.heartbeat = 0
-        self._channel = pika.BlockingConnection(params).channel()
-        self._channel.queue_declare(self.queue, durable=True)
-        self._props = pika.BasicProperties(
-            delivery_mode=2, content_type="application/json", content_encoding="utf-8"
-        )
-
-    def dispatch(self, environ: dict[str, Any], **extra: Any) -> str:
-        task_id = str(uuid.uuid4())
-        body = json.dumps([[environ], {}, {"callbacks": None, "errbacks": None}])
-        self._channel.basic_publish("", self.queue, body.encode(), self._props)
-        return task_id
-
-    def run_pending(self, limit: int | None = None, *, sweep: bool = True) -> int:
-        return 0
 
 
 def _form_data(handler: http.server.BaseHTTPRequestHandler) -> str | None:
@@ -112,7 +85,6 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True, help="Port to listen on.")
     args = parser.parse_args()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.settings")
-    os.environ.setdefault("EVALMGR_DISPATCHER", "bench.legacy_receiver.CeleryLikeDispatcher")
     import django
 
     django.setup()

@@ -128,8 +128,11 @@ class Suite:
             "legacy",
             [sys.executable, "-m", "bench.legacy_receiver", "--port", str(port)],
             self.env(
-                BENCH_CELERY_QUEUE=celery_queue(self.settings),
-                EVALMGR_DISPATCHER="bench.legacy_receiver.CeleryLikeDispatcher",
+                # The stand-in's delay_environ publishes evalmgr_job with Celery, as upstream's
+                # does, to a queue of the benchmark's own; nothing consumes it.
+                CELERY_ALWAYS_EAGER="0",
+                CELERY_BROKER_URL=self.settings.amqp_url,
+                EVALMGR_CELERY_QUEUE=celery_queue(self.settings),
             ),
             self.log_dir,
         )

@@ -140,7 +140,11 @@ BROKER_URL = os.environ.get("CELERY_BROKER_URL") or from_environment("AMQP_URL")
 CELERY_ALWAYS_EAGER = _env_bool("CELERY_ALWAYS_EAGER", True)
 CELERY_ACKS_LATE = True
 CELERY_IMPORTS = ["oioioi.evalmgr.tasks"]
-CELERY_ROUTES = {"oioioi.evalmgr.tasks.evalmgr_job": {"queue": "evalmgr"}}
+#: Upstream routes evalmgr_job to the queue its evalmgr workers read (``celery -A oioioi.celery
+#: worker -Q evalmgr``); the return path's relay sends its tasks there too.
+CELERY_ROUTES = {
+    "oioioi.evalmgr.tasks.evalmgr_job": {"queue": os.environ.get("EVALMGR_CELERY_QUEUE", "evalmgr")}
+}
 
 # --- Observability -------------------------------------------------------------------------------
 

@@ -234,11 +234,14 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
 class ConsumerProcess:
     """``manage.py start_receive_from_workers`` in a process of its own."""
 
+    #: The program and its first arguments; ``args`` follow.
+    command = [sys.executable, str(ROOT / "manage.py"), "start_receive_from_workers"]
+
     def __init__(self, settings: Settings, log_path: Path, args: list[str], **env: str) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "manage.py"), "start_receive_from_workers", *args],
+            [*self.command, *args],
             cwd=ROOT,
             env=process_env(settings, **env),
             stdout=self._log,
@@ -386,3 +389,50 @@ def start_shim(tmp_path: Path, queue_settings: Settings) -> Iterator[Callable[..
     yield start
     for proc in started:
         proc.kill()
+
+
+# --- a Celery worker (the evalmgr workers of an OIOIOI) -------------------------------------------
+
+
+class CeleryWorkerProcess(ConsumerProcess):
+    """``celery -A oioioi.celery worker`` on this test's own evalmgr queue, tasks not eager."""
+
+    command = [sys.executable, "-m", "celery", "-A", "oioioi.celery", "worker"]
+
+
+@pytest.fixture
+def celery_queue(queue_settings: Settings) -> str:
+    """The evalmgr queue of this test's own (EVALMGR_CELERY_QUEUE)."""
+    return f"{queue_settings.queue}.evalmgr"
+
+
+@pytest.fixture
+def start_celery_worker(
+    tmp_path: Path, queue_settings: Settings, celery_queue: str
+) -> Iterator[Callable[..., CeleryWorkerProcess]]:
+    started: list[CeleryWorkerProcess] = []
+
+    def start(**env: str) -> CeleryWorkerProcess:
+        env = {**celery_env(queue_settings, celery_queue), **env}
+        proc = CeleryWorkerProcess(
+            queue_settings,
+            tmp_path / f"celery-{len(started)}.log",
+            ["-Q", celery_queue, "-P", "solo", "-l", "INFO", "--without-mingle", "--without-gossip"],
+            **env,
+        )
+        started.append(proc)
+        proc.wait_for_log("ready.")
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+def celery_env(settings: Settings, queue: str) -> dict[str, str]:
+    """What a process needs to hand tasks to real Celery workers on ``queue``."""
+    return {
+        "CELERY_ALWAYS_EAGER": "0",
+        "CELERY_BROKER_URL": settings.amqp_url,
+        "EVALMGR_CELERY_QUEUE": queue,
+    }
