@@ -238,3 +238,33 @@ def test_abandoned_runs_are_swept_under_steady_load_not_after_every_batch():
     # One sweep at start, then one after each batch's ack and run.
     assert kinds[:4] == ["sweep", "ack", "after_ack", "sweep"]
     assert kinds.count("ack") == 3 and kinds.count("sweep") >= 4
+
+
+def test_a_read_only_server_is_recognised_from_either_postgresql_driver():
+    """psycopg 3 names the SQLSTATE ``sqlstate``, psycopg2 (upstream's driver) ``pgcode``."""
+    from django.db import InternalError
+
+    from oioioi.workers.receive import ReadOnlyDatabase, _read_only_is_transient, sqlstate
+
+    class Psycopg3Error(Exception):
+        sqlstate = "25006"
+
+    class Psycopg2Error(Exception):
+        pgcode = "25006"
+
+    class OtherError(Exception):
+        pgcode = "23505"
+
+    def failing(cause: Exception):
+        def write() -> None:
+            raise InternalError("cannot execute INSERT in a read-only transaction") from cause
+
+        return _read_only_is_transient(write)
+
+    for cause in (Psycopg3Error(), Psycopg2Error()):
+        with pytest.raises(ReadOnlyDatabase):
+            failing(cause)()
+    with pytest.raises(InternalError) as raised:
+        failing(OtherError())()
+    assert not isinstance(raised.value, ReadOnlyDatabase)
+    assert sqlstate(InternalError("no cause")) is None

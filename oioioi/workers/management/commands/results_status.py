@@ -24,7 +24,7 @@ from consumer.config import Settings
 from consumer.errors import ConsumerError
 from consumer.redact import redact_text, redact_url
 from oioioi.evalmgr.models import QueuedJob
-from oioioi.workers.claims import MAX_ATTEMPTS
+from oioioi.workers.claims import MAX_ATTEMPTS, RELAY_PREFIX
 from oioioi.workers.conf import consumer_settings
 from oioioi.workers.models import PendingRun
 from oioioi.workers.status import BrokerStatus, broker_status
@@ -121,6 +121,9 @@ def _database() -> dict[str, Any]:
             count=Count("pk"), oldest=Min("created_at"), most_attempts=Max("attempts")
         )
         stuck = PendingRun.objects.filter(attempts__gte=MAX_ATTEMPTS).count()
+        in_celery = PendingRun.objects.filter(
+            claimed_by__startswith=RELAY_PREFIX, claimed_until__gte=now
+        ).count()
     except DatabaseError as e:
         error = redact_text(f"{type(e).__name__}: {e}")[:300]
         return {"jobs": {"error": error}, "pending_runs": {"error": error}}
@@ -143,6 +146,7 @@ def _database() -> dict[str, Any]:
             "oldest": runs["oldest"],
             "most_attempts": runs["most_attempts"] or 0,
             "given_up": stuck,
+            "in_celery": in_celery,
         },
     }
 
@@ -201,7 +205,8 @@ def _table(status: dict[str, Any]) -> str:
         out.append("")
         out.append("Pending runs")
         out.append(
-            f"  {runs['count']} pending, {runs['given_up']} given up after "
+            f"  {runs['count']} pending ({runs['in_celery']} handed to Celery), "
+            f"{runs['given_up']} given up after "
             f"{MAX_ATTEMPTS} attempts"
             + (f", oldest since {runs['oldest']:%Y-%m-%d %H:%M:%S %Z}" if runs["oldest"] else "")
         )

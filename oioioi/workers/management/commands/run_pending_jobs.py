@@ -1,7 +1,8 @@
 """``manage.py run_pending_jobs``: a sweeper for resumed jobs whose runner went away.
 
-Every consumer already picks up abandoned pending runs when it is idle; this command does the same
-without a consumer (while none runs, or beside busy ones), once or in a loop.
+Every consumer already picks up abandoned pending runs every few seconds; this command does the same
+without a consumer (while none runs, or beside busy ones), once or in a loop. With the Celery
+hand-off (the default inside an OIOIOI) "running" a run means handing it to Celery again.
 """
 
 from __future__ import annotations
