@@ -85,6 +85,9 @@ class DurableDispatcher(Dispatcher):
 
     #: Claims are made with tokens starting with this.
     token_kind = ""
+    #: ``attempts`` of a run claimed as it is written: a local run is being run, a relayed one
+    #: is not yet (the task counts its own attempt).
+    _first_attempts = 1
 
     def __init__(self) -> None:
         #: Runs this process dispatched and claimed, waiting for their batch to run (or be
@@ -126,10 +129,6 @@ class DurableDispatcher(Dispatcher):
             batch = (token, dict(zip(pks, zip(texts, environs, strict=True), strict=True)))
             transaction.on_commit(lambda: self._ready.append(batch))
         return [f"run-{pk}" for pk in pks]
-
-    #: ``attempts`` of a run claimed as it is written: a local run is being run, a relayed one
-    #: is not yet (the task counts its own attempt).
-    _first_attempts = 1
 
 
 # --- running in this process ---------------------------------------------------------------------
