@@ -185,6 +185,12 @@ def test_operator_replays_one_dead_letter_and_discards_another(
     shoot(page, "deadletter-list")
     assert broker.depth(dlq) == 2
 
+    # The status panel has a page of its own too (OIOIOI's index is not ours to change)
+    follow(page, "#status-link")
+    assert page.inner_text("#status-dead-letters").startswith("2")
+    shoot(page, "status")
+    follow(page, "#workers-status a:has-text('Dead letters')")
+
     # One message: why it failed, its headers and its body, pretty-printed
     follow(page, failed_row.locator("th a"))
     assert "no_such_function" in page.inner_text("#detail-traceback")
@@ -291,6 +297,7 @@ def test_pages_refuse_staff_without_permission_and_csrf_stays_on(
         "/admin/workers/deadletterqueue/",
         "/admin/workers/deadletterqueue/0123456789abcdef/",
         "/admin/workers/deadletterqueue/confirm/",
+        "/admin/workers/deadletterqueue/status/",
     ]
 
     # A staff user without permissions is refused everywhere, and sees no status panel
@@ -402,6 +409,11 @@ def test_job_pages_flag_stale_jobs_and_search_and_filter(page, operator, admin_q
     log_in(page, "operator")
     assert stale["job_id"] in page.inner_text("#status-oldest")
     assert page.inner_text("#status-stale").startswith("1 ")
+    follow(page, "#workers-status a:has-text('Jobs needing attention')")
+    assert result_rows(page) == 1 and "1111" in page.inner_text("#result_list")
+    page.goto("/admin/")
+    follow(page, "#workers-status a:has-text('Jobs WAITING for workers')")
+    assert result_rows(page) == 2 and "3333" not in page.inner_text("#result_list")
 
     # Queued jobs: state, age and submission; the stale one is flagged
     page.goto("/admin/evalmgr/queuedjob/")

@@ -3,6 +3,9 @@
 Everything here is read-only but the dead-letter actions: the inbox and the pending runs are the
 consumer's proof of what it has done, and deleting a row would undo a guarantee (a redelivery
 applied twice, a committed resume never run).
+
+Every page registers here, on the site :mod:`oioioi.workers.admin_site` chooses: OIOIOI's own
+inside OIOIOI, Django's default standalone.
 """
 
 from __future__ import annotations
@@ -17,16 +20,22 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from oioioi.evalmgr.models import QueuedJob
+from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers import admin_views
-from oioioi.workers.admin_helpers import AgeFilter, ReadOnlyAdminMixin, age, badge, pre, pretty_json
-from oioioi.workers.admin_jobs import job_link
+from oioioi.workers.admin_helpers import (
+    AgeFilter,
+    KeptRowsMixin,
+    ReadOnlyAdminMixin,
+    age,
+    badge,
+    pre,
+    pretty_json,
+)
+from oioioi.workers.admin_jobs import QueuedJobAdmin, SavedEnvironAdmin, job_link
+from oioioi.workers.admin_site import IN_OIOIOI, add_system_menu_entries, register, site
 from oioioi.workers.claims import MAX_ATTEMPTS
 from oioioi.workers.models import DeadLetterQueue, PendingRun, ReceivedResult
 from oioioi.workers.permissions import VIEW_PERMISSION
-
-# The index shows the return path's status panel to operators.
-admin.site.index_template = "workers/admin/index.html"
 
 
 def job_or_finished(job_id: str, exists: bool) -> SafeString | str:
@@ -53,8 +62,8 @@ class JobExistsMixin:
         )
 
 
-@admin.register(ReceivedResult)
-class ReceivedResultAdmin(JobExistsMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+class ReceivedResultAdmin(JobExistsMixin, KeptRowsMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    # Kept: the inbox is what makes a redelivery harmless; deleting a row would let it apply twice.
     list_display = [
         "message_column",
         "outcome_column",
@@ -81,10 +90,6 @@ class ReceivedResultAdmin(JobExistsMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
         "received_at",
     )
     fields = readonly_fields
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        # The inbox is what makes a redelivery harmless; deleting a row would let it apply twice.
-        return False
 
     @admin.display(description="message id", ordering="key")
     def message_column(self, result: ReceivedResult) -> str:
@@ -124,8 +129,8 @@ class RunAgeFilter(AgeFilter):
     field_name = "created_at"
 
 
-@admin.register(PendingRun)
-class PendingRunAdmin(JobExistsMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+class PendingRunAdmin(JobExistsMixin, KeptRowsMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    # Kept: a pending run is a committed resume; deleting it would strand its job.
     list_display = [
         "id",
         "job_column",
@@ -146,10 +151,6 @@ class PendingRunAdmin(JobExistsMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
         "environ_pretty",
     )
     fields = readonly_fields
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        # A pending run is a committed resume; deleting it would strand its job.
-        return False
 
     @admin.display(description="job", ordering="job_id")
     def job_column(self, run: PendingRun) -> SafeString | str:
@@ -172,7 +173,6 @@ class PendingRunAdmin(JobExistsMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
         return pre(pretty_json(run.environ))
 
 
-@admin.register(DeadLetterQueue)
 class DeadLetterQueueAdmin(admin.ModelAdmin):
     """The dead-letter queue, read from the broker: list, one message, replay and discard."""
 
@@ -195,6 +195,7 @@ class DeadLetterQueueAdmin(admin.ModelAdmin):
         return [
             path("", wrap(self.changelist_view), name=f"{name}_changelist"),
             path("confirm/", wrap(self.confirm_view), name=f"{name}_confirm"),
+            path("status/", wrap(self.status_view), name=f"{name}_status"),
             path("<str:dead_letter_id>/", wrap(self.detail_view), name=f"{name}_detail"),
         ]
 
@@ -208,3 +209,20 @@ class DeadLetterQueueAdmin(admin.ModelAdmin):
 
     def confirm_view(self, request: HttpRequest) -> HttpResponse:
         return admin_views.dead_letter_action(self, request)
+
+    def status_view(self, request: HttpRequest) -> HttpResponse:
+        return admin_views.status_page(self, request)
+
+
+if not IN_OIOIOI:
+    # OIOIOI has queued-job pages of its own (with rejudge and cancel): the pages link to those.
+    register(QueuedJob, QueuedJobAdmin)
+register(SavedEnviron, SavedEnvironAdmin)
+register(ReceivedResult, ReceivedResultAdmin)
+register(PendingRun, PendingRunAdmin)
+register(DeadLetterQueue, DeadLetterQueueAdmin)
+if not IN_OIOIOI:
+    # The index shows the status panel to operators. OIOIOI's index is not ours to replace: there
+    # the panel has a page of its own in the system-admin menu.
+    site.index_template = "workers/admin/index.html"
+add_system_menu_entries()

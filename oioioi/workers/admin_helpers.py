@@ -125,3 +125,15 @@ class ReadOnlyAdminMixin:
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class KeptRowsMixin:
+    """Rows nobody deletes from the admin, one at a time or in bulk. Bulk actions are off as well:
+    OIOIOI's site gives every page its own *delete selected* action, which asks a superuser for
+    no permission at all."""
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        return {}
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -1,8 +1,9 @@
 """Operator pages of the evaluation manager's tables: where each job is, and which ones need someone.
 
-The rows are the evaluation manager's own state: the pages show them and allow deleting (a job
+The rows are the evaluation manager's own state: the pages show them and allow deleting a job (one
 an operator has given up on), never editing, since a hand-edited environ or state would resume a
-job into something no recipe expects.
+job into something no recipe expects. ``oioioi.workers.admin`` registers them (inside OIOIOI, only
+the saved environs: OIOIOI has queued-job pages of its own, see ``admin_site``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from django.contrib import admin
 from django.contrib.admin.utils import quote
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers.admin_helpers import (
     AgeFilter,
+    KeptRowsMixin,
     ReadOnlyAdminMixin,
     age,
     badge,
@@ -27,6 +28,7 @@ from oioioi.workers.admin_helpers import (
     pre,
     pretty_json,
 )
+from oioioi.workers.admin_site import admin_url
 from oioioi.workers.models import PendingRun, ReceivedResult
 from oioioi.workers.status import WAITING_STATES, stale_cutoff, stale_threshold
 
@@ -75,11 +77,10 @@ class NeedsAttentionFilter(admin.SimpleListFilter):
 
 
 def job_link(job_id: str) -> SafeString:
-    url = reverse("admin:evalmgr_queuedjob_change", args=[quote(job_id)])
+    url = admin_url("evalmgr_queuedjob_change", quote(job_id))
     return format_html('<a href="{}">{}</a>', url, job_id)
 
 
-@admin.register(QueuedJob)
 class QueuedJobAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["job_id", "state_column", "age_column", "submission_id", "creation_date"]
     list_filter = [NeedsAttentionFilter, "state", JobAgeFilter]
@@ -115,7 +116,7 @@ class QueuedJobAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         saved = SavedEnviron.objects.filter(queued_job=job).first()
         if saved is None:
             return "none (the job is not waiting for workers)"
-        url = reverse("admin:evalmgr_savedenviron_change", args=[saved.pk])
+        url = admin_url("evalmgr_savedenviron_change", saved.pk)
         return format_html(
             '<a href="{}">saved environ {}</a>, saved {} ago{}',
             url,
@@ -134,7 +135,7 @@ class QueuedJobAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             '<a href="{}">{}</a> ({}, {} ago)',
             (
                 (
-                    reverse("admin:workers_receivedresult_change", args=[r.pk]),
+                    admin_url("workers_receivedresult_change", r.pk),
                     r.message_id or r.key,
                     r.outcome,
                     age(r.received_at),
@@ -153,7 +154,7 @@ class QueuedJobAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             '<a href="{}">run {}</a> (attempts: {}, claimed by {})',
             (
                 (
-                    reverse("admin:workers_pendingrun_change", args=[run.pk]),
+                    admin_url("workers_pendingrun_change", run.pk),
                     run.pk,
                     run.attempts,
                     run.claimed_by or "nobody",
@@ -190,8 +191,9 @@ class SavedNeedsAttentionFilter(NeedsAttentionFilter):
         return None
 
 
-@admin.register(SavedEnviron)
-class SavedEnvironAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class SavedEnvironAdmin(KeptRowsMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    # Kept: without its saved environ a job waits for ever (its result is then "already resumed,
+    # ignoring"); an operator who gives a job up deletes the job, which takes this row with it.
     list_display = ["id", "job_column", "state_column", "submission_column", "age_column"]
     list_filter = [SavedNeedsAttentionFilter, JobStateFilter, SavedAgeFilter]
     list_select_related = ["queued_job"]

@@ -1,4 +1,5 @@
-"""The dead-letter pages of the admin: list, one message, and replay or discard after a confirmation.
+"""The dead-letter pages of the admin: list, one message, and replay or discard after a confirmation;
+and the page of the status panel.
 
 Reading never consumes: the list and the detail use :func:`consumer.deadletters.browse` and
 :func:`~consumer.deadletters.get`, which leave the queue as it was. Replay and discard change the
@@ -20,7 +21,6 @@ from django.contrib import messages
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import reverse
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from consumer import deadletters
@@ -28,6 +28,7 @@ from consumer.errors import ConnectionClosed, ConsumerError
 from consumer.redact import redact_text
 from oioioi.evalmgr.models import QueuedJob
 from oioioi.workers.admin_helpers import duration, pretty_json
+from oioioi.workers.admin_site import admin_url
 from oioioi.workers.conf import consumer_settings
 from oioioi.workers.permissions import REPLAY_PERMISSION, VIEW_PERMISSION
 
@@ -73,8 +74,9 @@ def _context(model_admin: ModelAdmin[Any], request: HttpRequest, title: str) -> 
         "app_label": model_admin.opts.app_label,
         "title": title,
         "can_replay": request.user.has_perm(REPLAY_PERMISSION),
-        "list_url": reverse("admin:workers_deadletterqueue_changelist"),
-        "confirm_url": reverse("admin:workers_deadletterqueue_confirm"),
+        "list_url": admin_url("workers_deadletterqueue_changelist"),
+        "confirm_url": admin_url("workers_deadletterqueue_confirm"),
+        "status_url": admin_url("workers_deadletterqueue_status"),
         "queue_name": consumer_settings().dead_letter_queue,
     }
 
@@ -111,6 +113,13 @@ def _header_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(deadletters.jsonable(value), ensure_ascii=False)
+
+
+def status_page(model_admin: ModelAdmin[Any], request: HttpRequest) -> HttpResponse:
+    """The status panel on a page of its own (OIOIOI's admin index is not ours to change)."""
+    _require(request, VIEW_PERMISSION)
+    context = _context(model_admin, request, "Return path")
+    return TemplateResponse(request, "workers/admin/status.html", context)
 
 
 def dead_letter_list(model_admin: ModelAdmin[Any], request: HttpRequest) -> HttpResponse:
@@ -171,7 +180,7 @@ def dead_letter_action(model_admin: ModelAdmin[Any], request: HttpRequest) -> Ht
     _require(request, REPLAY_PERMISSION)
     if request.method != "POST":
         return HttpResponseNotAllowed(["POST"])
-    list_url = reverse("admin:workers_deadletterqueue_changelist")
+    list_url = admin_url("workers_deadletterqueue_changelist")
     action = request.POST.get("action", "")
     ids = [i for i in request.POST.getlist("ids") if i]
     if action not in ACTIONS:

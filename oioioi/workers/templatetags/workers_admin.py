@@ -1,18 +1,39 @@
-"""Template tags of the operator pages: the status panel of the admin index."""
+"""Template tags of the operator pages: the status panel, and URLs in the admin site's namespace."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from django import template
-from django.urls import reverse
+from django.contrib.admin.utils import quote
 from django.utils import timezone
 
 from oioioi.workers import admin_helpers, status
+from oioioi.workers.admin_site import admin_url as site_admin_url
 from oioioi.workers.conf import consumer_settings
 from oioioi.workers.permissions import VIEW_PERMISSION
 
 register = template.Library()
+
+
+@register.simple_tag
+def admin_url(name: str, *args: Any, **kwargs: Any) -> str:
+    """``{% admin_url "workers_deadletterqueue_detail" letter.id %}``: a page of the site the
+    operator pages are on, whichever it is (``{% url 'admin:...' %}`` names Django's default)."""
+    return site_admin_url(name, *args, **kwargs)
+
+
+def stale_jobs_query(now: datetime) -> str:
+    """The queued-job list's query for the jobs needing attention now. Plain field lookups, which
+    any queued-job page takes (OIOIOI's has no filter of ours)."""
+    return urlencode(
+        {
+            "state__in": ",".join(status.WAITING_STATES),
+            "creation_date__lt": status.stale_cutoff(now).isoformat(),
+        }
+    )
 
 
 @register.inclusion_tag("workers/admin/status_panel.html", takes_context=True)
@@ -25,7 +46,7 @@ def workers_status_panel(context: template.Context) -> dict[str, Any]:
     broker = status.broker_status(consumer_settings())
     jobs = status.jobs_status(now)
     oldest = jobs.oldest_waiting
-    jobs_url = reverse("admin:evalmgr_queuedjob_changelist")
+    jobs_url = site_admin_url("evalmgr_queuedjob_changelist")
     return {
         "show": True,
         "broker": broker,
@@ -35,11 +56,13 @@ def workers_status_panel(context: template.Context) -> dict[str, Any]:
         "jobs": jobs,
         "oldest": oldest,
         "oldest_age": (now - oldest.creation_date) if oldest else None,
+        "oldest_url": (
+            site_admin_url("evalmgr_queuedjob_change", quote(oldest.pk)) if oldest else None
+        ),
         "stale_after": status.stale_threshold(),
-        "jobs_url": jobs_url,
-        "stale_url": f"{jobs_url}?attention=stale",
+        "stale_url": f"{jobs_url}?{stale_jobs_query(now)}",
         "waiting_url": f"{jobs_url}?state__exact=WAITING",
-        "dead_letters_url": reverse("admin:workers_deadletterqueue_changelist"),
+        "dead_letters_url": site_admin_url("workers_deadletterqueue_changelist"),
     }
 
 
