@@ -1,18 +1,35 @@
 """Settings of the end-to-end tests inside upstream OIOIOI: upstream's own test settings, plus a
-real PostgreSQL, the real RabbitMQ and Celery handing tasks to real workers (not eager).
+real PostgreSQL, the real RabbitMQ, Celery handing tasks to real workers (not eager) and a
+filetracker server that every process shares.
 
 The pytest process creates the test database; the processes a test starts (consumer, Celery
 worker, shim) get its name in ``RESULTS_E2E_DATABASE`` and the run's queue names in
 ``RESULTS_E2E_RUN``, so that they share the database and queues with the test and with nothing
-else.
+else. ``RESULTS_E2E_TMP`` (the run's scratch folder) and ``RESULTS_E2E_FILETRACKER_URL`` are
+chosen by the first process that loads this module and inherited by the others the same way.
 """
 
 import os
-import uuid
+import socket
+import tempfile
 
 from oioioi.test_settings import *  # noqa: F403
+from oioioi.test_settings import INSTALLED_APPS, LOGGING
 
-RUN = os.environ.setdefault("RESULTS_E2E_RUN", uuid.uuid4().hex[:8])
+RUN = os.environ.setdefault("RESULTS_E2E_RUN", os.urandom(4).hex())
+#: The run's scratch folder: the filetracker's store and caches, what the recording sioworkers
+#: backend records, the processes' logs.
+TMP = os.environ.setdefault("RESULTS_E2E_TMP", tempfile.mkdtemp(prefix=f"results-e2e-{RUN}-"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The tests' own recipe steps and their record of each step that ran (results_e2e.models).
+INSTALLED_APPS = (*INSTALLED_APPS, "results_e2e")
 
 DATABASES = {
     "default": {
@@ -37,6 +54,21 @@ CELERY_ROUTES = {
     "oioioi.problems.unpackmgr.unpackmgr_job": {"queue": f"unpackmgr-{RUN}"},
 }
 
+# Upstream's test settings keep files in a filetracker client's memory, which no other process
+# sees: here every process uses one filetracker server (started by the tests, conftest.py).
+FILETRACKER_CLIENT_FACTORY = "oioioi.filetracker.client.remote_storage_factory"
+FILETRACKER_URL = os.environ.setdefault(
+    "RESULTS_E2E_FILETRACKER_URL", f"http://127.0.0.1:{_free_port()}"
+)
+FILETRACKER_CACHE_ROOT = os.path.join(TMP, "filetracker-cache", str(os.getpid()))
+
+# Who runs sioworkers' jobs in a Celery worker: the tests start workers with one or the other
+# (results_e2e.backends.RecordingBackend records the group instead; QueueBackend runs it and
+# publishes the result to the queue).
+SIOWORKERS_BACKEND = os.environ.get(
+    "RESULTS_E2E_SIOWORKERS_BACKEND", "results_e2e.backends.RecordingBackend"
+)
+
 # The return path's queues, this run's own.
 RESULTS_EXCHANGE = f"e2e-{RUN}.workers"
 RESULTS_QUEUE = f"e2e-{RUN}.results"
@@ -47,3 +79,6 @@ RESULTS_MAX_RETRIES = 2
 RESULTS_DB_RETRY_INITIAL = 0.05
 RESULTS_DB_RETRY_MAX = 0.5
 RESULTS_DB_PROBE_MAX = 1.0
+
+# Upstream's logging shows its own loggers only; the consumer library logs under "consumer".
+LOGGING["loggers"]["consumer"] = {"handlers": ["console"], "level": "INFO", "propagate": False}
