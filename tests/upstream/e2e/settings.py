@@ -16,16 +16,21 @@ import tempfile
 from oioioi.test_settings import *  # noqa: F403
 from oioioi.test_settings import INSTALLED_APPS, LOGGING
 
-RUN = os.environ.setdefault("RESULTS_E2E_RUN", os.urandom(4).hex())
-#: The run's scratch folder: the filetracker's store and caches, what the recording sioworkers
-#: backend records, the processes' logs.
-TMP = os.environ.setdefault("RESULTS_E2E_TMP", tempfile.mkdtemp(prefix=f"results-e2e-{RUN}-"))
-
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+RUN = os.environ.setdefault("RESULTS_E2E_RUN", os.urandom(4).hex())
+#: The run's scratch folder: the filetracker's store and caches, what the recording sioworkers
+#: backend records, the processes' logs.
+if "RESULTS_E2E_TMP" not in os.environ:
+    os.environ["RESULTS_E2E_TMP"] = tempfile.mkdtemp(prefix=f"results-e2e-{RUN}-")
+TMP = os.environ["RESULTS_E2E_TMP"]
+if "RESULTS_E2E_FILETRACKER_URL" not in os.environ:
+    os.environ["RESULTS_E2E_FILETRACKER_URL"] = f"http://127.0.0.1:{_free_port()}"
 
 
 # The tests' own recipe steps and their record of each step that ran (results_e2e.models).
@@ -57,9 +62,7 @@ CELERY_ROUTES = {
 # Upstream's test settings keep files in a filetracker client's memory, which no other process
 # sees: here every process uses one filetracker server (started by the tests, conftest.py).
 FILETRACKER_CLIENT_FACTORY = "oioioi.filetracker.client.remote_storage_factory"
-FILETRACKER_URL = os.environ.setdefault(
-    "RESULTS_E2E_FILETRACKER_URL", f"http://127.0.0.1:{_free_port()}"
-)
+FILETRACKER_URL = os.environ["RESULTS_E2E_FILETRACKER_URL"]
 FILETRACKER_CACHE_ROOT = os.path.join(TMP, "filetracker-cache", str(os.getpid()))
 
 # Who runs sioworkers' jobs in a Celery worker: the tests start workers with one or the other
