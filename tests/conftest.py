@@ -184,6 +184,10 @@ def project_queues(settings: Any, queue_settings: Settings) -> Settings:
     settings.RESULTS_DEAD_LETTER_QUEUE = queue_settings.dead_letter_queue
     settings.RESULTS_RETRY_QUEUE = queue_settings.retry_queue
     settings.RESULTS_QUEUE_TYPE = queue_settings.queue_type
+    # The queues' arguments: a publisher in this process declares them as the consumer did.
+    settings.RESULTS_RETRY_DELAY_MS = queue_settings.retry_delay_ms
+    settings.RESULTS_DELIVERY_LIMIT = queue_settings.delivery_limit
+    settings.RESULTS_MAX_RETRIES = queue_settings.max_retries
     return queue_settings
 
 
@@ -417,7 +421,16 @@ def start_celery_worker(
         proc = CeleryWorkerProcess(
             queue_settings,
             tmp_path / f"celery-{len(started)}.log",
-            ["-Q", celery_queue, "-P", "solo", "-l", "INFO", "--without-mingle", "--without-gossip"],
+            [
+                "-Q",
+                celery_queue,
+                "-P",
+                "solo",
+                "-l",
+                "INFO",
+                "--without-mingle",
+                "--without-gossip",
+            ],
             **env,
         )
         started.append(proc)

@@ -62,9 +62,7 @@ def test_a_resumed_job_is_relayed_after_the_commit_and_run_by_a_celery_worker_on
     # Given a job waiting for its results, an evalmgr worker, and a consumer relaying to Celery
     sent = waiting_job()
     worker = start_celery_worker()
-    consumer = start_consumer(
-        EVALMGR_DISPATCHER=CELERY, **celery_env(queue_settings, celery_queue)
-    )
+    consumer = start_consumer(EVALMGR_DISPATCHER=CELERY, **celery_env(queue_settings, celery_queue))
     # When the result arrives
     broker.publish_env(result_for(sent), message_id="celery-1")
     # Then the worker ran the rest of the recipe, once, and the run is gone
@@ -76,9 +74,7 @@ def test_a_resumed_job_is_relayed_after_the_commit_and_run_by_a_celery_worker_on
     assert broker.depth() == 0
 
 
-def test_a_run_relayed_twice_runs_once(
-    waiting_job, amqp_url, celery_queue, start_celery_worker
-):
+def test_a_run_relayed_twice_runs_once(waiting_job, amqp_url, celery_queue, start_celery_worker):
     # Given a resumed job whose run was handed to Celery twice (a relay that died before it
     # recorded its publish, then the sweep)
     sent = waiting_job()

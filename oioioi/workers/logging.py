@@ -96,3 +96,30 @@ def logging_config(log_format: str, level: str, secrets: Iterable[str | None]) -
         # pika logs every socket event at INFO; its warnings and errors are what an operator needs.
         "loggers": {"pika": {"level": "WARNING"}},
     }
+
+
+#: The queue library's logger (``consumer.*``).
+LIBRARY_LOGGER = "consumer"
+#: The logger OIOIOI's own ``LOGGING`` configures for all of its code.
+PROJECT_LOGGER = "oioioi"
+
+
+def route_library_logs() -> None:
+    """Let the queue library's lines appear where the project's own do.
+
+    OIOIOI's ``LOGGING`` configures only the ``oioioi`` logger (console, at INFO): without this,
+    the library's lines ("Consuming from ...", "Result ... committed.") would go nowhere. When the
+    settings configure no ``consumer`` logger themselves, it gets the handlers and level of the
+    ``oioioi`` logger. Standalone, the project's ``LOGGING`` configures the root logger and this
+    does nothing. Safe to call more than once.
+    """
+    library = logging.getLogger(LIBRARY_LOGGER)
+    if library.handlers or library.level != logging.NOTSET:
+        return
+    project = logging.getLogger(PROJECT_LOGGER)
+    if not project.handlers:
+        return
+    for handler in project.handlers:
+        library.addHandler(handler)
+    library.setLevel(project.level)
+    library.propagate = project.propagate

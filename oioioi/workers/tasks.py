@@ -21,6 +21,7 @@ from django.db import close_old_connections
 
 from oioioi.evalmgr.tasks import evalmgr_job
 from oioioi.workers.claims import claim, claim_token
+from oioioi.workers.logging import route_library_logs
 from oioioi.workers.models import PendingRun
 from oioioi.workers.runner import INFRASTRUCTURE_ERRORS, Ignore
 
@@ -33,6 +34,7 @@ TASK_NAME = "oioioi.workers.tasks.run_pending_job"
 @shared_task(name=TASK_NAME, ignore_result=True, acks_late=True)
 def run_pending_job(run_id: int) -> None:
     """Run pending run ``run_id`` through upstream's ``evalmgr_job``, once."""
+    route_library_logs()
     close_old_connections()
     token = claim_token("celery:")
     if not claim(run_id, token):

@@ -14,7 +14,7 @@ import socket
 import tempfile
 
 from oioioi.test_settings import *  # noqa: F403
-from oioioi.test_settings import INSTALLED_APPS, LOGGING
+from oioioi.test_settings import INSTALLED_APPS
 
 
 def _free_port() -> int:
@@ -83,5 +83,10 @@ RESULTS_DB_RETRY_INITIAL = 0.05
 RESULTS_DB_RETRY_MAX = 0.5
 RESULTS_DB_PROBE_MAX = 1.0
 
-# Upstream's logging shows its own loggers only; the consumer library logs under "consumer".
-LOGGING["loggers"]["consumer"] = {"handlers": ["console"], "level": "INFO", "propagate": False}
+# Upstream's LOGGING as it is: it configures only its "oioioi" logger, and the commands give the
+# queue library's "consumer" logger the same handlers (oioioi.workers.logging); the tests that
+# wait for "Consuming from" and "Result ... committed" show that they do.
+
+# Where upstream's own receiver (kept as legacy_receive_from_workers) listens, per process.
+SIOWORKERS_LISTEN_ADDR = "127.0.0.1"
+SIOWORKERS_LISTEN_PORT = int(os.environ.get("RESULTS_E2E_LISTEN_PORT", "7890"))

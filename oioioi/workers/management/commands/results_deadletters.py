@@ -19,6 +19,7 @@ from consumer.config import Settings
 from consumer.errors import ConsumerError
 from consumer.redact import redact_text
 from oioioi.workers.conf import consumer_settings
+from oioioi.workers.logging import route_library_logs
 
 #: Seconds between two progress lines of a long operation.
 PROGRESS_EVERY = 1.0
@@ -81,6 +82,7 @@ class Command(BaseCommand):
         purge.add_argument("--yes", action="store_true", help="Do not ask for confirmation.")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        route_library_logs()
         settings = consumer_settings()
         handler: Callable[[Settings, dict[str, Any]], None] = getattr(self, f"_{options['action']}")
         try:

@@ -14,6 +14,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from oioioi.workers.conf import setting
+from oioioi.workers.logging import route_library_logs
 from oioioi.workers.models import DeliveryAttempt, ReceivedResult
 
 
@@ -39,6 +40,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        route_library_logs()
         days = options["days"]
         if days is None:
             days = setting("RESULTS_INBOX_RETENTION_DAYS")

@@ -26,6 +26,7 @@ from consumer.redact import redact_text, redact_url
 from oioioi.evalmgr.models import QueuedJob
 from oioioi.workers.claims import MAX_ATTEMPTS, RELAY_PREFIX
 from oioioi.workers.conf import consumer_settings
+from oioioi.workers.logging import route_library_logs
 from oioioi.workers.models import PendingRun
 from oioioi.workers.status import BrokerStatus, broker_status
 
@@ -51,6 +52,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        route_library_logs()
         # What fails is reported in the output; pika's own account of it (a traceback per failed
         # connection, a warning per missing queue) would only bury that on the terminal.
         for name in ("pika", "oioioi.workers.status"):

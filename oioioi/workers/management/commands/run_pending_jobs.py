@@ -18,6 +18,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, close_old_connections, reset_queries
 
 from oioioi.workers.dispatch import get_dispatcher
+from oioioi.workers.logging import route_library_logs
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        route_library_logs()
         if options["interval"] <= 0:
             raise CommandError("--interval must be positive.")
         if options["once"]:

@@ -18,6 +18,7 @@ from consumer.shim import ShimConfig
 from oioioi.workers import observability, receive
 from oioioi.workers.conf import consumer_settings, setting
 from oioioi.workers.dispatch import get_dispatcher
+from oioioi.workers.logging import route_library_logs
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        route_library_logs()
         if options.get("http_shim"):
             self._run_shim(options)
             return
