@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from consumer.config import Settings
+from consumer.config import Settings, from_environ
 from consumer.decode import parse_environ, validate
 from consumer.errors import ConsumerError, PublishError, TransportError
 from consumer.publish import Publisher
@@ -26,14 +26,18 @@ EXIT_OK = 0
 EXIT_BROKER = 1
 EXIT_INPUT = 2
 
-_DEFAULTS = Settings()
 
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name) or default
+def _environment() -> Settings:
+    """The defaults of the options: the environment's settings, read as every client reads them."""
+    try:
+        return from_environ(os.environ)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_INPUT) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    env = _environment()
     parser = argparse.ArgumentParser(prog="python -m consumer", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     pub = commands.add_parser(
@@ -45,60 +49,59 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("file", help="JSON file holding the environ, or - for standard input")
     pub.add_argument(
         "--amqp-url",
-        default=_env("AMQP_URL", _DEFAULTS.amqp_url),
+        default=env.amqp_url,
         help="broker URL (default: $AMQP_URL, else the local broker as guest)",
     )
     pub.add_argument(
         "--exchange",
-        default=_env("RESULTS_EXCHANGE", _DEFAULTS.exchange),
+        default=env.exchange,
         help="exchange to publish to (default: $RESULTS_EXCHANGE or %(default)s)",
     )
     pub.add_argument(
         "--routing-key",
-        default=_env("RESULTS_ROUTING_KEY", _DEFAULTS.routing_key),
+        default=env.routing_key,
         help="routing key (default: $RESULTS_ROUTING_KEY or %(default)s)",
     )
     pub.add_argument(
         "--queue",
-        default=_env("RESULTS_QUEUE", _DEFAULTS.queue),
+        default=env.queue,
         help="results queue declared and bound if missing (default: $RESULTS_QUEUE)",
     )
     pub.add_argument(
         "--dead-letter-queue",
-        default=_env("RESULTS_DEAD_LETTER_QUEUE", _DEFAULTS.dead_letter_queue),
+        default=env.dead_letter_queue,
         help="dead-letter queue declared if missing (default: $RESULTS_DEAD_LETTER_QUEUE)",
     )
     pub.add_argument(
         "--retry-queue",
-        default=_env("RESULTS_RETRY_QUEUE", _DEFAULTS.retry_queue),
+        default=env.retry_queue,
         help="retry queue declared if missing (default: $RESULTS_RETRY_QUEUE)",
     )
     pub.add_argument(
         "--queue-type",
         choices=("quorum", "classic"),
-        default=_env("RESULTS_QUEUE_TYPE", _DEFAULTS.queue_type),
+        default=env.queue_type,
         help="type of the queues if they must be declared (default: $RESULTS_QUEUE_TYPE or "
         "%(default)s); must match the existing queues",
     )
     pub.add_argument(
         "--retry-delay-ms",
         type=int,
-        default=_env("RESULTS_RETRY_DELAY_MS", str(_DEFAULTS.retry_delay_ms)),
+        default=env.retry_delay_ms,
         help="TTL of the retry queue if it must be declared (default: $RESULTS_RETRY_DELAY_MS "
         "or %(default)s); must match the existing queue",
     )
     pub.add_argument(
         "--delivery-limit",
         type=int,
-        default=_env("RESULTS_DELIVERY_LIMIT", str(_DEFAULTS.delivery_limit)),
+        default=env.delivery_limit,
         help="delivery limit of the results queue if it must be declared (default: "
         "$RESULTS_DELIVERY_LIMIT or %(default)s); must match the existing queue",
     )
     pub.add_argument(
         "--no-declare",
         action="store_true",
-        default=_env("RESULTS_DECLARE_TOPOLOGY", "true").strip().lower()
-        in {"0", "false", "no", "off"},
+        default=not env.declare_topology,
         help="do not declare the exchange and queues (for a user without configure permission; "
         "default: on when $RESULTS_DECLARE_TOPOLOGY is false)",
     )
@@ -142,7 +145,7 @@ def publish_command(args: argparse.Namespace) -> int:
         print("error: --attempts must be at least 1", file=sys.stderr)
         return EXIT_INPUT
     try:
-        settings = Settings(
+        settings = _environment().replace(
             amqp_url=args.amqp_url,
             exchange=args.exchange,
             routing_key=args.routing_key,

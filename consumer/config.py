@@ -1,8 +1,14 @@
-"""Consumer configuration: one frozen object, built once at the edge (the management command)."""
+"""Consumer configuration: one frozen object, built once at the edge (the management command).
+
+Inside Django the settings come from ``oioioi.workers.conf``; a process without Django (``python -m
+consumer publish``, sioworkersd's return path) reads the same environment variables through
+:func:`from_environ`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,3 +60,42 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def parse_bool(value: str) -> bool:
+    """An environment variable's truth, as the Django settings read it (``1``, ``true``, ...)."""
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+#: The broker and topology settings a process outside Django reads from its environment: each
+#: variable (named as the Django setting) with the :class:`Settings` field it sets and its parser.
+ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "AMQP_URL": ("amqp_url", str),
+    "AMQP_HEARTBEAT": ("heartbeat", int),
+    "AMQP_BLOCKED_CONNECTION_TIMEOUT": ("blocked_connection_timeout", float),
+    "RESULTS_EXCHANGE": ("exchange", str),
+    "RESULTS_ROUTING_KEY": ("routing_key", str),
+    "RESULTS_QUEUE": ("queue", str),
+    "RESULTS_DEAD_LETTER_QUEUE": ("dead_letter_queue", str),
+    "RESULTS_RETRY_QUEUE": ("retry_queue", str),
+    "RESULTS_QUEUE_TYPE": ("queue_type", str),
+    "RESULTS_RETRY_DELAY_MS": ("retry_delay_ms", int),
+    "RESULTS_DELIVERY_LIMIT": ("delivery_limit", int),
+    "RESULTS_DECLARE_TOPOLOGY": ("declare_topology", parse_bool),
+}
+
+
+def from_environ(environ: Mapping[str, str], **overrides: Any) -> Settings:
+    """The broker settings from environment variables (:data:`ENVIRONMENT`); an unset or empty
+    variable leaves the default. Raises ``ValueError`` for a value that does not parse."""
+    values: dict[str, Any] = {}
+    for name, (field_name, parse) in ENVIRONMENT.items():
+        raw = environ.get(name)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[field_name] = parse(raw)
+        except ValueError:
+            raise ValueError(f"{name} is not valid: {raw!r}") from None
+    values.update(overrides)
+    return Settings(**values)

@@ -27,10 +27,12 @@ def transfer_to_workers(
     env: dict[str, Any],
     restore: str = UPSTREAM_RESTORE,
     crash_flag: str | None = None,
+    jobs: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Send the job to sioworkers with one ping job, as upstream's handlers do."""
-    env["workers_jobs"] = {"job0": {"job_type": "ping", "ping": env["job_id"]}}
+    """Send the job to sioworkers with ``jobs`` (by default one ping job), as upstream's handlers
+    do."""
+    env["workers_jobs"] = jobs or {"job0": {"job_type": "ping", "ping": env["job_id"]}}
     if crash_flag:
         env["crash_flag"] = crash_flag
     return transfer_job(env, "oioioi.sioworkers.handlers.transfer_job", restore)

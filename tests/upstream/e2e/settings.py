@@ -49,11 +49,12 @@ DATABASES = {
     }
 }
 
-AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-
 # Celery as a deployment runs it: tasks go to the broker and real workers run them.
 CELERY_ALWAYS_EAGER = False
-BROKER_URL = AMQP_URL
+BROKER_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+#: The results' broker: Celery's, unless a test gives a process a private node of its own
+#: (test_sioworkersd.py stops one under sioworkersd).
+AMQP_URL = os.environ.get("RESULTS_E2E_AMQP_URL") or BROKER_URL
 CELERY_ROUTES = {
     "oioioi.evalmgr.tasks.evalmgr_job": {"queue": f"evalmgr-{RUN}"},
     "oioioi.problems.unpackmgr.unpackmgr_job": {"queue": f"unpackmgr-{RUN}"},
@@ -86,6 +87,12 @@ RESULTS_DB_PROBE_MAX = 1.0
 # Upstream's LOGGING as it is: it configures only its "oioioi" logger, and the commands give the
 # queue library's "consumer" logger the same handlers (oioioi.workers.logging); the tests that
 # wait for "Consuming from" and "Result ... committed" show that they do.
+
+# Where upstream's SioworkersdBackend sends job groups (a real sioworkersd, test_sioworkersd.py),
+# and the return URL it gives them: None (upstream's default, built from the address and port
+# below), the shim's URL, or "amqp:".
+SIOWORKERSD_URL = os.environ.get("RESULTS_E2E_SIOWORKERSD_URL", "http://127.0.0.1:7889/")
+SIOWORKERS_LISTEN_URL = os.environ.get("RESULTS_E2E_LISTEN_URL") or None
 
 # Where upstream's own receiver (kept as legacy_receive_from_workers) listens, per process.
 SIOWORKERS_LISTEN_ADDR = "127.0.0.1"
