@@ -186,3 +186,30 @@ def test_what_sioworkersd_loads_imports_no_django_and_no_undeclared_dependency(t
     third_party = outside - set(sys.stdlib_module_names) - {"__future__"}
     # sioworkers and what it brings (Twisted, zope.interface), and the wheel's two requirements
     assert third_party <= {"twisted", "sio", "zope", "pika", "tenacity"}, third_party
+
+
+def test_the_supervisord_entry_runs_the_plugin_with_its_settings_in_a_file(tmp_path):
+    from supervisor.datatypes import RestartWhenExitUnexpected
+    from supervisor.options import ServerOptions
+
+    # Rendered the way OIOIOI renders its supervisord.conf template
+    text = (ROOT / "deploy" / "supervisord" / "sioworkersd.conf").read_text()
+    (tmp_path / "programs.conf").write_text(text.replace("{{ PROJECT_DIR }}", str(tmp_path)))
+    (tmp_path / "logs").mkdir()
+    main = tmp_path / "supervisord.conf"
+    main.write_text(
+        f"[supervisord]\nlogfile={tmp_path}/supervisord.log\npidfile={tmp_path}/s.pid\n"
+        "[include]\nfiles=programs.conf\n"
+    )
+    options = ServerOptions()
+    options.realize(args=["-c", str(main)])
+    [program] = [p for g in options.process_group_configs for p in g.process_configs]
+    assert program.name == "sioworkersd"  # in place of upstream's entry
+    args = program.command.split()
+    assert (
+        args[args.index("sioworkersd-amqp") - 1] == f"--pidfile={tmp_path}/pidfiles/sioworkersd.pid"
+    )
+    assert f"--amqp-env-file={tmp_path}/sioworkersd-amqp.env" in args
+    assert f"--database={tmp_path}/sioworkersd.db" in args
+    assert "amqp://" not in text and not program.environment
+    assert program.autorestart is RestartWhenExitUnexpected and program.stopwaitsecs >= 30

@@ -63,6 +63,7 @@ def private(node: Any, run_settings: Settings) -> Iterator[BrokerClient]:
     s = client.settings
     client.purge(s.queue, s.retry_queue, s.dead_letter_queue)
     yield client
+    node.start_app()  # a test that failed with the broker stopped leaves it stopped
     client.purge(s.queue, s.retry_queue, s.dead_letter_queue)
 
 
