@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -67,7 +67,7 @@ class Store:
     #: Refuse, without the database, an environ the write would refuse (raises
     #: :class:`~consumer.errors.RejectedEnviron`): it is dead-lettered before the batch is
     #: written, rather than failing the batch and making it fall back to single writes.
-    check: Callable[[dict[str, Any]], None] | None = None
+    check: Callable[[Mapping[str, Any]], None] | None = None
     #: Classic queues: add one to a message's attempt count, committed; returns the count,
     #: this attempt included, or 0 when the message has already been applied.
     count_attempt: Callable[[str], int] | None = None

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from consumer import environ
 from consumer.errors import InvalidEnviron, UndecodableMessage
 
 #: Fields the legacy receiver deleted before resuming: the job group as sent, and its arguments.
@@ -17,7 +18,9 @@ DROPPED_FIELDS = ("workers_jobs", "workers_jobs.extra_args")
 class Result:
     """A decoded result, ready for the write."""
 
-    env: dict[str, Any]
+    #: The environ: a :class:`~consumer.environ.RawEnviron` (fields decoded when read), or a
+    #: dict for the rare body only ``json.loads`` takes (``NaN``, unpaired surrogates).
+    env: MutableMapping[str, Any]
     #: Idempotency key: the message id, or a hash of the body when the message has none.
     key: str
     message_id: str | None
@@ -37,24 +40,28 @@ def content_key(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
-def parse_environ(body: bytes | str) -> dict[str, Any]:
-    """Parse a body into a JSON object, or raise :class:`UndecodableMessage`/:class:`InvalidEnviron`."""
+def parse_environ(body: bytes | str) -> MutableMapping[str, Any]:
+    """Parse a body into a JSON object, or raise :class:`UndecodableMessage`/:class:`InvalidEnviron`.
+
+    The object's fields are decoded only when read (see :mod:`consumer.environ`).
+    """
     try:
-        text = body.decode("utf-8") if isinstance(body, bytes) else body
-        env = json.loads(text)
+        env = environ.parse(body)
     except UnicodeDecodeError as e:
         raise UndecodableMessage(f"body is not UTF-8: {e}") from None
     except ValueError as e:
         raise UndecodableMessage(f"body is not JSON: {e}") from None
-    if not isinstance(env, dict):
+    if not isinstance(env, MutableMapping):
         raise InvalidEnviron(f"environ must be a JSON object, not {type(env).__name__}")
     return env
 
 
-def validate(env: dict[str, Any]) -> dict[str, Any]:
+def validate(env: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Apply the legacy receiver's rules in place: drop the sent jobs, require results or error."""
     for field in DROPPED_FIELDS:
-        env.pop(field, None)
+        # Deleted, not popped: a RawEnviron would decode what is thrown away.
+        if field in env:
+            del env[field]
     if "workers_jobs.results" not in env and "error" not in env:
         raise InvalidEnviron("environ has neither 'workers_jobs.results' nor 'error'")
     return env

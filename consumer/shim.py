@@ -41,7 +41,7 @@ import string
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,7 +172,7 @@ def _single(values: list[Any], name: str) -> bytes:
     return bytes(values[0])
 
 
-def identifiers(env: dict[str, Any]) -> dict[str, Any]:
+def identifiers(env: Mapping[str, Any]) -> dict[str, Any]:
     """What the request log shows of an environ: its identifiers, never its content."""
     return {key: env.get(key) for key in ("job_id", "group_id", "submission_id")}
 

@@ -107,6 +107,43 @@ def test_an_environ_the_domain_refuses_fails_the_batch_before_anything_is_writte
     assert receive.write([good]) == ["committed"]
 
 
+def test_a_result_is_handed_to_its_run_as_the_legacy_receiver_would_hand_it_on(
+    waiting_job, inbox_path
+):
+    # Given a result laid out by hand (tabs and newlines between its tokens) with text that SQL
+    # and COPY would have to quote (backslashes, a tab, \N, non-ASCII)
+    sent = waiting_job()
+    result = result_for(sent)
+    result["compiler_output"] = "a\\b\tc\r\n\\N \\\\ é \u2028 😀 \x00"
+    body = json.dumps(result, indent="\t", ensure_ascii=False).encode()
+    saved = json.loads(SavedEnviron.objects.get(id=sent["saved_environ_id"]).environ)
+    # When it is written
+    assert receive.write([decode(body, "m")]) == ["committed"]
+    # Then its run holds what upstream's receiver and delay_environ would have handed on: the
+    # saved environ updated by restore_job with the result, less the sent jobs
+    handed_on = json.loads(body.decode())
+    for field in ("workers_jobs", "workers_jobs.extra_args", "saved_environ_id"):
+        handed_on.pop(field, None)
+    saved.pop("restore_environ_func")
+    saved.update(handed_on)
+    assert json.loads(PendingRun.objects.get().environ) == saved
+    # And its recipe runs on it
+    receive.after_ack()
+    assert StepLog.objects.get(job_id=sent["job_id"]).detail == json.dumps(["job0", "job1"])
+
+
+def test_a_restore_function_that_reads_values_is_given_decoded_environs(waiting_job, inbox_path):
+    sent = waiting_job()
+    saved = SavedEnviron.objects.get(id=sent["saved_environ_id"])
+    environ = saved.load_environ()
+    environ["restore_environ_func"] = "tests.recipeapp.recipes.counting_restore"
+    environ["reports"] = ["earlier"]
+    SavedEnviron.objects.filter(id=saved.id).update(environ=json.dumps(environ))
+    assert receive.write([as_result(result_for(sent), "m")]) == ["committed"]
+    resumed = json.loads(PendingRun.objects.get().environ)
+    assert resumed["result_count"] == 2 and resumed["reports"] == ["earlier", "job0", "job1"]
+
+
 def test_a_batch_claim_whose_lease_ran_low_is_renewed_before_its_run(waiting_job):
     jobs = [waiting_job(submission_id=i) for i in range(3)]
     receive.write([as_result(result_for(sent), f"m{i}") for i, sent in enumerate(jobs)])

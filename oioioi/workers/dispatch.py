@@ -28,15 +28,15 @@ next :meth:`~Dispatcher.run_pending`.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from consumer.environ import environ_json, loads
 from oioioi.workers import tasks
 from oioioi.workers.claims import (
     MAX_ATTEMPTS,
@@ -53,9 +53,11 @@ from oioioi.workers.claims import (
 from oioioi.workers.conf import setting
 from oioioi.workers.models import PendingRun
 from oioioi.workers.runner import INFRASTRUCTURE_ERRORS, Ignore, LeaseLost, run_one, run_recipes
-from oioioi.workers.sql import insert_returning, update_in
+from oioioi.workers.sql import insert_rows, update_in
 
 log = logging.getLogger(__name__)
+
+Environ = MutableMapping[str, Any]
 
 
 class Dispatcher:
@@ -64,14 +66,12 @@ class Dispatcher:
     #: Said in the consumer's log line at start.
     description = "a dispatcher"
 
-    def dispatch_many(
-        self, environs: Sequence[dict[str, Any]], *, run_here: bool = False
-    ) -> list[str]:
+    def dispatch_many(self, environs: Sequence[Environ], *, run_here: bool = False) -> list[str]:
         """Hand each environ on; returns a handle for each (the job's ``celery_task_id``).
         ``run_here`` says that the caller will call :meth:`run_pending` right after its commit."""
         raise NotImplementedError
 
-    def dispatch(self, environ: dict[str, Any], **extra: Any) -> str:
+    def dispatch(self, environ: Environ, **extra: Any) -> str:
         return self.dispatch_many([environ])[0]
 
     def run_pending(self, limit: int | None = None, *, sweep: bool = True) -> int:
@@ -91,19 +91,17 @@ class DurableDispatcher(Dispatcher):
 
     def __init__(self) -> None:
         #: Runs this process dispatched and claimed, waiting for their batch to run (or be
-        #: relayed): the claim's token, and each run's environ by primary key, as JSON and as the
-        #: dict it was made from (so that a local runner does not parse what was just written).
-        self._ready: list[tuple[str, dict[int, tuple[str, dict[str, Any]]]]] = []
+        #: relayed): the claim's token, and by primary key what :meth:`_for_runner` keeps.
+        self._ready: list[tuple[str, dict[int, tuple[bytes, dict[str, Any] | None]]]] = []
 
-    def dispatch_many(
-        self, environs: Sequence[dict[str, Any]], *, run_here: bool = False
-    ) -> list[str]:
+    def dispatch_many(self, environs: Sequence[Environ], *, run_here: bool = False) -> list[str]:
         """Write a run for each environ; with ``run_here`` they are claimed for this process, so
         that no statement is spent claiming them, for a short hand-off lease in case it dies
         first, and the environs themselves are what the runner gets: the caller must not use
         them after."""
         job_ids = [env["job_id"] for env in environs]
-        texts = [json.dumps(env) for env in environs]
+        # An environ that came as JSON is written as it came (joined field by field).
+        texts = [environ_json(env) for env in environs]
         now = timezone.now()
         claim: dict[str, Any] = {"attempts": 0}
         token = claim_token(self.token_kind)
@@ -113,22 +111,29 @@ class DurableDispatcher(Dispatcher):
                 "claimed_until": now + handoff_lease(),
                 "attempts": self._first_attempts,
             }
-        if connection.features.can_return_rows_from_bulk_insert and len(set(job_ids)) == len(
-            job_ids
-        ):
-            names = ["job_id", "environ", "created_at", *claim]
+        names = ["job_id", "environ", "created_at", *claim]
+        if len(set(job_ids)) == len(job_ids):
             rows = [(j, text, now, *claim.values()) for j, text in zip(job_ids, texts, strict=True)]
-            pk_of = dict(insert_returning(PendingRun, names, rows, ["job_id", "id"]))
-            pks = [pk_of[job_id] for job_id in job_ids]
+            pks = insert_rows(PendingRun, names, rows, key="job_id")
         else:
             pks = [
-                PendingRun.objects.create(job_id=j, environ=text, created_at=now, **claim).pk
+                insert_rows(PendingRun, names, [(j, text, now, *claim.values())], key="job_id")[0]
                 for j, text in zip(job_ids, texts, strict=True)
             ]
         if run_here:
-            batch = (token, dict(zip(pks, zip(texts, environs, strict=True), strict=True)))
+            batch = (token, self._for_runner(pks, texts, environs))
             transaction.on_commit(lambda: self._ready.append(batch))
         return [f"run-{pk}" for pk in pks]
+
+    def _for_runner(
+        self, pks: Sequence[int], texts: Sequence[bytes], environs: Sequence[Environ]
+    ) -> dict[int, tuple[bytes, dict[str, Any] | None]]:
+        """What the runner gets of the runs just written: each run's JSON, and the dict it was
+        made from if there was one (so that nothing is parsed that was never serialised)."""
+        return {
+            pk: (text, env if isinstance(env, dict) else None)
+            for pk, text, env in zip(pks, texts, environs, strict=True)
+        }
 
 
 # --- running in this process ---------------------------------------------------------------------
@@ -168,7 +173,9 @@ class LocalDispatcher(DurableDispatcher):
                 ran += self._run(pk)
         return ran
 
-    def _run_batch(self, token: str, environs: dict[int, tuple[str, dict[str, Any]]]) -> int:
+    def _run_batch(
+        self, token: str, environs: dict[int, tuple[bytes, dict[str, Any] | None]]
+    ) -> int:
         # Held until each has run: if the database goes away midway, the next call renews
         # their claims and runs each on its own, from its last checkpoint.
         for pk in environs:
@@ -181,7 +188,7 @@ class LocalDispatcher(DurableDispatcher):
             self._execute(pk, ClaimedRun(pk, token), environ, 0)
 
         texts = {pk: text for pk, (text, _) in environs.items()}
-        parsed = {pk: env for pk, (_, env) in environs.items()}
+        parsed = {pk: env for pk, (_, env) in environs.items() if env is not None}
         ran = run_recipes(texts, ClaimedBatch(token), alone, parsed=parsed)
         for pk in environs:
             if pk not in done_alone:
@@ -206,7 +213,7 @@ class LocalDispatcher(DurableDispatcher):
             raise
         if text is None:
             return 0
-        self._execute(pk, ClaimedRun(pk, token), json.loads(text), stops)
+        self._execute(pk, ClaimedRun(pk, token), loads(text), stops)
         return 1
 
     def _execute(self, pk: int, run: ClaimedRun, environ: dict[str, Any], stops: int) -> None:
@@ -240,6 +247,12 @@ class CeleryDispatcher(DurableDispatcher):
     description = "relayed to Celery's evalmgr workers through the outbox, with publisher confirms"
     token_kind = RELAY_PREFIX
     _first_attempts = 0
+
+    def _for_runner(
+        self, pks: Sequence[int], texts: Sequence[bytes], environs: Sequence[Environ]
+    ) -> dict[int, tuple[bytes, dict[str, Any] | None]]:
+        # Only the runs' keys: the task reads each run's environ from its row.
+        return {pk: (b"", None) for pk in pks}
 
     def run_pending(self, limit: int | None = None, *, sweep: bool = True) -> int:
         relayed = 0

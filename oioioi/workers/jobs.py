@@ -30,17 +30,17 @@ log = logging.getLogger(__name__)
 CANCELLED = ("CANCELLED", None)
 
 
-def distinct_jobs(environs: Sequence[dict[str, Any]]) -> bool:
+def distinct_jobs(environs: Sequence[Mapping[str, Any]]) -> bool:
     job_ids = [env["job_id"] for env in environs]
     return len(set(job_ids)) == len(job_ids)
 
 
-def _submission_id(environ: dict[str, Any]) -> int | None:
+def _submission_id(environ: Mapping[str, Any]) -> int | None:
     value = environ.get("submission_id")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _submissions(environs: Sequence[dict[str, Any]]) -> dict[str, int | None]:
+def _submissions(environs: Sequence[Mapping[str, Any]]) -> dict[str, int | None]:
     """The submission to record for each job: the environ's, where upstream's ``mark_job_state``
     would record it (a foreign key records only a submission that exists)."""
     wanted = {env["job_id"]: _submission_id(env) for env in environs}
@@ -55,7 +55,7 @@ def _submissions(environs: Sequence[dict[str, Any]]) -> dict[str, int | None]:
 
 
 @require_transaction
-def mark_jobs_state(environs: Sequence[dict[str, Any]], state: str) -> list[bool]:
+def mark_jobs_state(environs: Sequence[Mapping[str, Any]], state: str) -> list[bool]:
     """``mark_job_state`` for environs of distinct jobs.
 
     Returns, for each environ, whether its job goes on (False: it was CANCELLED, and its
@@ -68,7 +68,7 @@ def mark_jobs_state(environs: Sequence[dict[str, Any]], state: str) -> list[bool
     return [found.get(env["job_id"]) != CANCELLED for env in environs]
 
 
-def lock_jobs(environs: Sequence[dict[str, Any]]) -> dict[str, tuple[str, int | None]]:
+def lock_jobs(environs: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, int | None]]:
     """Lock the environs' jobs and read their state and submission; a CANCELLED job is deleted
     (as ``mark_job_state`` deletes it) and maps to :data:`CANCELLED`."""
     if not distinct_jobs(environs):
@@ -91,7 +91,7 @@ def lock_jobs(environs: Sequence[dict[str, Any]]) -> dict[str, tuple[str, int | 
 
 
 def set_states(
-    environs: Sequence[dict[str, Any]],
+    environs: Sequence[Mapping[str, Any]],
     found: Mapping[str, tuple[str, int | None]],
     state: str,
     task_ids: Mapping[str, str] | None = None,

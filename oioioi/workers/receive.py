@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
@@ -23,6 +23,7 @@ from django.db import (
 from django.db.models import F
 from django.utils import timezone
 
+from consumer import environ
 from consumer.config import Settings
 from consumer.consumer import Store
 from consumer.decode import Result
@@ -45,7 +46,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, Interface
 _STRIPPED_FIELDS = ("recipe", "error_handlers")
 
 
-def check_environ(env: dict[str, Any]) -> None:
+def check_environ(env: Mapping[str, Any]) -> None:
     """Refuse, as permanent, an environ that ``delay_environ`` could never apply."""
     job_id = env.get("job_id")
     if not isinstance(job_id, str) or not job_id:
@@ -74,7 +75,7 @@ def _apply(result: Result) -> str:
             ReceivedResult.objects.create(**_inbox_values(result, timezone.now()))
     except IntegrityError:
         return "duplicate"
-    if delay_environs([dict(env)], run_here=True)[0] is None:
+    if delay_environs([environ.copy(env)], run_here=True)[0] is None:
         ReceivedResult.objects.filter(key=result.key).update(outcome="ignored")
     return "committed"
 
@@ -181,7 +182,7 @@ def write(results: Sequence[Result]) -> list[str]:
             applied.append(result)
             outcomes[i] = "committed"
         if applied:
-            handles = delay_environs([dict(result.env) for result in applied], run_here=True)
+            handles = delay_environs([environ.copy(r.env) for r in applied], run_here=True)
             ignored = [r.key for r, h in zip(applied, handles, strict=True) if h is None]
             if ignored:
                 ReceivedResult.objects.filter(key__in=ignored).update(outcome="ignored")

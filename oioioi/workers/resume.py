@@ -17,13 +17,14 @@ environs are queued one after another, each seeing what the one before did.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from django.utils.module_loading import import_string
 
+from consumer import environ
+from consumer.environ import RawEnviron
 from oioioi.evalmgr.models import SavedEnviron
 from oioioi.workers.dispatch import Dispatcher, get_dispatcher
 from oioioi.workers.jobs import CANCELLED, distinct_jobs, lock_jobs, set_states
@@ -31,6 +32,15 @@ from oioioi.workers.sql import can_delete_plainly, chunks, delete_in, select_in
 from oioioi.workers.transactions import require_transaction
 
 log = logging.getLogger(__name__)
+
+#: Restore functions that merge the result into the saved environ field by field, looking at
+#: nothing but the fields' names: upstream's for sioworkers jobs refuses a result carrying
+#: ``recipe`` or ``error_handlers`` and ``update``-s the saved environ with it. These are given
+#: the fields' JSON texts, so nothing of either environ is decoded; any other restore function
+#: (Zeus's reads values) gets both environs decoded.
+MERGING_RESTORE_FUNCS = frozenset({"oioioi.sioworkers.handlers.restore_job"})
+
+Environ = MutableMapping[str, Any]
 
 
 def _take_saved_environs(ids: Collection[int]) -> dict[int, str]:
@@ -50,9 +60,7 @@ def _take_saved_environs(ids: Collection[int]) -> dict[int, str]:
 
 
 @require_transaction
-def delay_environs(
-    environs: Sequence[dict[str, Any]], *, run_here: bool = False
-) -> list[str | None]:
+def delay_environs(environs: Sequence[Environ], *, run_here: bool = False) -> list[str | None]:
     """``delay_environ`` on each environ, in order, inside the caller's transaction.
 
     Returns the hand-off's handle for each (also written to the job's ``celery_task_id``), or None
@@ -65,7 +73,7 @@ def delay_environs(
     saved = _take_saved_environs(
         [env["saved_environ_id"] for env in environs if "saved_environ_id" in env]
     )
-    resumed: list[tuple[int, dict[str, Any]]] = []
+    resumed: list[tuple[int, Environ]] = []
     for i, env in enumerate(environs):
         if "saved_environ_id" in env:
             saved_environ_id = env.pop("saved_environ_id")
@@ -75,9 +83,7 @@ def delay_environs(
             if text is None:
                 log.info("Job with environ id %r already resumed, ignoring.", saved_environ_id)
                 continue
-            saved_environ = json.loads(text)
-            restore = import_string(saved_environ.pop("restore_environ_func"))
-            env = restore(saved_environ, env)
+            env = _restore(text, env)
         resumed.append((i, env))
     if distinct_jobs([env for _, env in resumed]):
         groups = [resumed]
@@ -91,12 +97,31 @@ def delay_environs(
     return results
 
 
-def delay_environ(environ: dict[str, Any], *, run_here: bool = False) -> str | None:
+def delay_environ(env: Environ, *, run_here: bool = False) -> str | None:
     """:func:`delay_environs` for one environ."""
-    return delay_environs([environ], run_here=run_here)[0]
+    return delay_environs([env], run_here=run_here)[0]
 
 
-def _queue(environs: Sequence[dict[str, Any]], run_here: bool) -> list[str | None]:
+def _restore(saved_text: str, env: Environ) -> Environ:
+    """The saved environ's ``restore_environ_func`` applied to it and the result, as
+    ``_resume_job`` applies it."""
+    saved = environ.parse(saved_text)
+    func = saved.pop("restore_environ_func")
+    restore = import_string(func)
+    if (
+        func in MERGING_RESTORE_FUNCS
+        and isinstance(saved, RawEnviron)
+        and isinstance(env, RawEnviron)
+    ):
+        return RawEnviron(restore(saved.fields, env.fields))
+    return restore(_decoded(saved), _decoded(env))  # type: ignore[no-any-return]
+
+
+def _decoded(env: Mapping[str, Any]) -> dict[str, Any]:
+    return env.to_dict() if isinstance(env, RawEnviron) else dict(env)
+
+
+def _queue(environs: Sequence[Environ], run_here: bool) -> list[str | None]:
     """The rest of ``delay_environ`` for resumed environs of distinct jobs: mark them QUEUED
     (the state and the hand-off's handle in one statement) and hand them on."""
     if not environs:

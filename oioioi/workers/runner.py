@@ -17,6 +17,7 @@ that did nothing wrong), and the run stays for a retry.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import pprint
@@ -26,13 +27,14 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from celery.exceptions import Ignore
-from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from consumer.environ import loads
 from oioioi.evalmgr.models import SavedEnviron
 from oioioi.workers.jobs import delete_jobs, distinct_jobs, mark_jobs_state
-from oioioi.workers.sql import insert_returning
+from oioioi.workers.sql import insert_rows
 
 log = logging.getLogger(__name__)
 
@@ -158,16 +160,10 @@ def _refuse(env: dict[str, Any]) -> None:
 
 
 def _save_environs(environs: list[dict[str, Any]]) -> list[int]:
-    """``SavedEnviron.save_environ`` for each, with one statement where the database allows."""
-    if not connection.features.can_return_rows_from_bulk_insert:
-        return [SavedEnviron.save_environ(env).id for env in environs]
+    """``SavedEnviron.save_environ`` for each (serialised as it serialises them), in one go."""
     now = timezone.now()
     rows = [(env["job_id"], json.dumps(env), now) for env in environs]
-    created = insert_returning(
-        SavedEnviron, ["queued_job", "environ", "save_time"], rows, ["queued_job", "id"]
-    )
-    id_of = dict(created)
-    return [id_of[env["job_id"]] for env in environs]
+    return insert_rows(SavedEnviron, ["queued_job", "environ", "save_time"], rows, "queued_job")
 
 
 def _transfer(env: dict[str, Any], transfer: dict[str, Any]) -> None:
@@ -247,7 +243,7 @@ def run_one(env: dict[str, Any], run: Run) -> dict[str, Any]:
 
 
 def run_recipes(
-    environs: Mapping[K, str],
+    environs: Mapping[K, str | bytes],
     runs: Runs[K],
     alone: Callable[[K, dict[str, Any]], None],
     *,
@@ -268,6 +264,33 @@ def run_recipes(
     runs stay claimed for the caller to retry.
     """
     load_controllers()
+    # The batch's environs live until its last round: tens of thousands of lists and dicts per
+    # large environ, which each collection of the cyclic garbage collector would walk through
+    # again, for garbage that cannot be there (a tenth of a runner's time on large environs).
+    # They are made with the collector paused, and kept out of its generations until the end.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        decoded = {
+            key: parsed[key] if parsed is not None and key in parsed else loads(text)
+            for key, text in environs.items()
+        }
+        gc.freeze()
+    finally:
+        if enabled:
+            gc.enable()
+    try:
+        return _run_decoded(environs, decoded, runs, alone)
+    finally:
+        gc.unfreeze()
+
+
+def _run_decoded(
+    environs: Mapping[K, str | bytes],
+    decoded: dict[K, dict[str, Any]],
+    runs: Runs[K],
+    alone: Callable[[K, dict[str, Any]], None],
+) -> int:
     ran = 0
 
     def on_its_own(key: K, env: dict[str, Any]) -> None:
@@ -276,8 +299,7 @@ def run_recipes(
         alone(key, env)
 
     ready: dict[K, dict[str, Any]] = {}
-    for key, text in environs.items():
-        env = parsed[key] if parsed is not None and key in parsed else json.loads(text)
+    for key, env in decoded.items():
         if _can_start(env):
             ready[key] = env
         else:
@@ -288,7 +310,7 @@ def run_recipes(
         for key, env in ready.items():
             on_its_own(key, env)
         return ran
-    snapshot = {key: environs[key] for key in ready}
+    snapshot: Mapping[K, str | bytes] = {key: environs[key] for key in ready}
     try:
         with transaction.atomic():
             kept = runs.keep(ready)
@@ -304,7 +326,7 @@ def run_recipes(
             "Marking a batch of jobs in progress failed; running them one by one.", exc_info=True
         )
         for key in ready:
-            on_its_own(key, json.loads(snapshot[key]))
+            on_its_own(key, loads(snapshot[key]))
         return ran
     _lost(ready, kept)
     ran += len(order)
@@ -321,7 +343,7 @@ def run_recipes(
             # every job of it starts again on its own from its last checkpoint, where a failure
             # is its own alone.
             for key in list(active):
-                alone(key, json.loads(snapshot[key]))
+                alone(key, loads(snapshot[key]))
             return ran
         for env, transfer in transfers:
             try:
@@ -341,8 +363,10 @@ def _lost(wanted: Collection[Any], kept: Collection[Any]) -> None:
 
 
 def _round(
-    active: dict[K, dict[str, Any]], snapshot: dict[K, str], runs: Runs[K]
-) -> tuple[dict[K, dict[str, Any]], dict[K, str], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    active: dict[K, dict[str, Any]], snapshot: Mapping[K, str | bytes], runs: Runs[K]
+) -> tuple[
+    dict[K, dict[str, Any]], Mapping[K, str | bytes], list[tuple[dict[str, Any], dict[str, Any]]]
+]:
     """One phase of each job, committed together: returns the jobs that go on (and their
     checkpoints), and the transfers to make now that the jobs are parked."""
     with transaction.atomic():

@@ -138,6 +138,15 @@ def failing_restore(
     raise ValueError("restore failed")
 
 
+def counting_restore(
+    saved_environ: dict[str, Any], resuming_environ: dict[str, Any]
+) -> dict[str, Any]:
+    """A restore function that reads values, as Zeus's does: it must be given decoded environs."""
+    saved_environ["result_count"] = len(resuming_environ["workers_jobs.results"])
+    saved_environ.setdefault("reports", []).extend(sorted(resuming_environ["workers_jobs.results"]))
+    return saved_environ
+
+
 class DispatchOnly:
     """A dispatcher of another lineage: it knows dispatch() and nothing of batches."""
 
