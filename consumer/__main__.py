@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument(
         "--amqp-url",
         default=env.amqp_url,
-        help="broker URL (default: $AMQP_URL, else the local broker as guest)",
+        help="broker URL, or the URLs of a cluster's nodes separated by ';' (default: $AMQP_URL, "
+        "else the local broker as guest)",
     )
     pub.add_argument(
         "--exchange",
@@ -109,7 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--message-id", help="message id (default: the environ's group_id, if it has one)"
     )
     pub.add_argument(
-        "--attempts", type=int, default=5, help="publish attempts before giving up (default: 5)"
+        "--timeout",
+        type=float,
+        default=env.publish_timeout,
+        help="seconds to keep trying until the broker confirms, connecting and retrying "
+        "included (default: $RESULTS_PUBLISH_TIMEOUT or %(default)g)",
+    )
+    pub.add_argument(
+        "--attempts",
+        type=int,
+        help="most publish attempts within that time (default: as many as fit)",
     )
     pub.add_argument(
         "--force",
@@ -141,8 +151,11 @@ def publish_command(args: argparse.Namespace) -> int:
         hint = "" if args.force else " (--force publishes an object anyway)"
         print(f"error: {args.file} is not a result environ: {e}{hint}", file=sys.stderr)
         return EXIT_INPUT
-    if args.attempts < 1:
+    if args.attempts is not None and args.attempts < 1:
         print("error: --attempts must be at least 1", file=sys.stderr)
+        return EXIT_INPUT
+    if args.timeout <= 0:
+        print("error: --timeout must be positive", file=sys.stderr)
         return EXIT_INPUT
     try:
         settings = _environment().replace(
@@ -156,6 +169,7 @@ def publish_command(args: argparse.Namespace) -> int:
             retry_delay_ms=args.retry_delay_ms,
             delivery_limit=args.delivery_limit,
             declare_topology=not args.no_declare,
+            publish_timeout=args.timeout,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -178,12 +192,12 @@ def publish_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     # pika narrates every connection step, and logs a refused connection as several errors with
-    # a traceback; the command reports the outcome itself.
-    logging.getLogger("pika").setLevel(logging.WARNING if args.verbose else logging.CRITICAL)
+    # a traceback; the command reports the outcome itself (-v: each node's state, each attempt).
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     if not args.verbose:
         # The final failure is reported once, on standard error, by the command itself.
         logging.getLogger("consumer").setLevel(logging.ERROR)

@@ -11,13 +11,58 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from consumer.brokers import URL_SEPARATOR, split_urls
+from consumer.redact import redact_url
 
 QueueType = Literal["quorum", "classic"]
 
 
+#: URL schemes a broker URL may have.
+SCHEMES = ("amqp", "amqps")
+
+
+def broker_urls(value: str) -> tuple[str, ...]:
+    """The broker URLs of an ``AMQP_URL``: one, or a cluster's nodes separated by ``;``.
+
+    Raises ``ValueError`` saying which entry is wrong and why, its password masked.
+    """
+    entries = split_urls(value)
+    if entries == [""]:
+        raise ValueError("AMQP_URL is empty")
+    urls = []
+    for number, entry in enumerate(entries, 1):
+        where = f"entry {number} of {len(entries)}" if len(entries) > 1 else "the URL"
+        if not entry:
+            raise ValueError(
+                f"AMQP_URL: {where} is empty (separate broker URLs with a single "
+                f"{URL_SEPARATOR!r}, with none after the last)"
+            )
+        shown = f"{where} ({redact_url(entry)!r})"
+        scheme = entry.partition("://")[0].lower() if "://" in entry else ""
+        if scheme not in SCHEMES:
+            raise ValueError(f"AMQP_URL: {shown} is not an amqp:// or amqps:// URL")
+        if entry.count("://") > 1:
+            raise ValueError(
+                f"AMQP_URL: {shown} holds more than one URL; separate broker URLs with "
+                f"{URL_SEPARATOR!r}"
+            )
+        try:
+            parts = urlsplit(entry)
+            parts.port  # noqa: B018 (raises for a port that is not a number)
+        except ValueError as e:
+            raise ValueError(f"AMQP_URL: {shown} cannot be read: {e}") from None
+        if not parts.hostname:
+            raise ValueError(f"AMQP_URL: {shown} names no host")
+        urls.append(entry)
+    return tuple(urls)
+
+
 @dataclass(frozen=True)
 class Settings:
-    #: ``amqp://`` or ``amqps://`` URL of the broker, credentials included.
+    #: ``amqp://`` or ``amqps://`` URL of the broker, credentials included; or the URLs of a
+    #: cluster's nodes separated by ``;`` (see :mod:`consumer.brokers`).
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     exchange: str = "oioioi.workers"
     routing_key: str = "results"
@@ -49,14 +94,26 @@ class Settings:
     db_retry_max: float = 5.0
     db_probe_max: float = 30.0
     reconnect_max: float = 30.0
+    #: Seconds a publisher keeps trying to have one message confirmed (connecting, publishing,
+    #: waiting for the confirm, and again after a failure) before it gives up: longer than a
+    #: cluster takes to elect a queue's new leader.
+    publish_timeout: float = 30.0
 
     def __post_init__(self) -> None:
+        broker_urls(self.amqp_url)
+        if self.publish_timeout <= 0:
+            raise ValueError("publish_timeout must be positive")
         if self.queue_type not in ("quorum", "classic"):
             raise ValueError(f"queue_type must be 'quorum' or 'classic', not {self.queue_type!r}")
         if self.batch_size < 1 or self.prefetch < self.batch_size:
             raise ValueError("need 1 <= batch_size <= prefetch")
         if self.batch_bytes < 1:
             raise ValueError("batch_bytes must be at least 1")
+
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The broker URLs: one, or each node of a cluster."""
+        return broker_urls(self.amqp_url)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -82,6 +139,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RESULTS_RETRY_DELAY_MS": ("retry_delay_ms", int),
     "RESULTS_DELIVERY_LIMIT": ("delivery_limit", int),
     "RESULTS_DECLARE_TOPOLOGY": ("declare_topology", parse_bool),
+    "RESULTS_PUBLISH_TIMEOUT": ("publish_timeout", float),
 }
 
 

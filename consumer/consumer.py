@@ -22,6 +22,7 @@ from consumer import policy
 from consumer.config import Settings
 from consumer.decode import Result, decode
 from consumer.errors import (
+    ConsumerCancelled,
     DatabaseUnavailable,
     DeliveryLimitExceeded,
     PermanentError,
@@ -31,7 +32,6 @@ from consumer.errors import (
     WriteKeepsFailing,
 )
 from consumer.observe import Observer
-from consumer.redact import redact_url
 from consumer.retry import Backoff, database_retrying
 from consumer.transport import Delivery, Transport
 
@@ -104,25 +104,50 @@ class ResultsConsumer:
 
     def run(self) -> None:
         backoff = Backoff(0.5, self.settings.reconnect_max)
+        #: When the broker connection was lost (or first refused); None while consuming.
+        lost_at: float | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="database") as self._db:
             self._db.submit(self._sweep_at_start).result()
             while not self.shutdown.is_set():
                 try:
                     with self._transport_factory(self.settings) as transport:
-                        if backoff.attempt:
-                            self.observer.reconnected()
-                        backoff.reset()
                         self.observer.connected(True)
-                        log.info(
-                            "Consuming from %r on %s.",
-                            self.settings.queue,
-                            redact_url(self.settings.amqp_url),
-                        )
+                        if lost_at is None:
+                            log.info(
+                                "Consuming from %r on %s.", self.settings.queue, transport.node_url
+                            )
+                        else:
+                            self.observer.reconnected()
+                            log.info(
+                                "Consuming from %r on %s again, %.1f s after the broker "
+                                "connection was lost.",
+                                self.settings.queue,
+                                transport.node_url,
+                                time.monotonic() - lost_at,
+                            )
+                        lost_at = None
+                        backoff.reset()
                         self._consume(transport)
                 except TransportError as e:
                     self.observer.connected(False)
                     delay = backoff.next()
-                    log.warning("Broker unavailable (%s); reconnecting in %.1f s.", e, delay)
+                    # One line per attempt; which node was lost, and which answers again, the
+                    # transport says once for the process (consumer.brokers).
+                    if isinstance(e, ConsumerCancelled):
+                        log.warning(
+                            "The broker cancelled the consumer (its queue's leader moved, or the "
+                            "queue is gone); subscribing again in %.1f s.",
+                            delay,
+                        )
+                    else:
+                        log.log(
+                            logging.WARNING if lost_at is None else logging.INFO,
+                            "Broker unavailable (%s); reconnecting in %.1f s.",
+                            e,
+                            delay,
+                        )
+                    if lost_at is None:
+                        lost_at = time.monotonic()
                     self.shutdown.wait(delay)
                 except _Stopping:
                     break

@@ -47,7 +47,7 @@ from consumer import topology
 from consumer.config import Settings
 from consumer.errors import ConnectionClosed, ConsumerError, PublishError
 from consumer.policy import DEAD_LETTER_ID, PREFIX, REASON
-from consumer.transport import CONNECTION_ERRORS, connection_parameters
+from consumer.transport import CONNECTION_ERRORS, connect
 
 log = logging.getLogger(__name__)
 
@@ -327,10 +327,8 @@ class _Pass:
         self.queue = settings.dead_letter_queue
         self.requeues = settings.queue_type == "classic"
         self._held: list[int] = []
-        params = connection_parameters(settings)
-        params.client_properties = {"connection_name": "oioioi-deadletters"}
-        with _wrapped("connecting"):
-            self._connection: BlockingConnection = pika.BlockingConnection(params)
+        # The first node of AMQP_URL that answers (a ConnectionClosed naming each if none does).
+        self._connection: BlockingConnection = connect(settings, name="oioioi-deadletters")[0]
         try:
             self._channel = self._open_checked_channel()
         except BaseException:

@@ -64,6 +64,11 @@ class PublishError(ConsumerError):
     """Raised when the broker did not confirm a publish (nacked, unroutable, or gone)."""
 
 
+class ConfirmTimeout(PublishError):
+    """Raised when the broker did not confirm a publish in time (a queue without a majority of its
+    nodes, a node that stopped answering); the connection it was sent on has been cut."""
+
+
 class DatabaseUnavailable(ConsumerError):
     """Raised when a write kept failing with transient database errors past its retry budget."""
 

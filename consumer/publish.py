@@ -77,6 +77,13 @@ def message_properties(
 class Publisher:
     """A confirmed publisher on one reused connection, reconnecting after a loss.
 
+    Each message is tried until the broker confirms it, for at most ``timeout`` seconds in all
+    (``settings.publish_timeout`` unless given: 30 s, longer than a cluster's election of a new
+    queue leader): connecting to the first node that answers, publishing, waiting for the
+    confirm, and after a failure (no node answers, a connection lost, a nack, no confirm in
+    time) again on a fresh connection, with exponential backoff. ``attempts`` may bound the
+    number of tries as well.
+
     Not thread-safe (neither is a pika connection): give each thread a publisher of its own.
     Each connection declares the topology, so the first publisher to connect creates it.
     """
@@ -85,20 +92,26 @@ class Publisher:
         self,
         settings: Settings,
         *,
-        attempts: int = 5,
+        timeout: float | None = None,
+        attempts: int | None = None,
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
         app_id: str = APP_ID,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if attempts < 1:
+        if attempts is not None and attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.settings = settings
+        self.timeout = settings.publish_timeout if timeout is None else timeout
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
         self.attempts = attempts
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.app_id = app_id
         self._sleep = sleep
+        self._clock = clock
         self._transport: Transport | None = None
 
     def __enter__(self) -> Publisher:
@@ -111,16 +124,26 @@ class Publisher:
     def connected(self) -> bool:
         return self._transport is not None and self._transport.is_open
 
+    @property
+    def node(self) -> str | None:
+        """``host:port`` of the broker node the connection is open to, if it is."""
+        return self._transport.node if self.connected and self._transport else None
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
 
-    def connect(self) -> None:
+    def connect(self, timeout: float | None = None) -> None:
         """Open the connection (and declare the topology) now, if it is not open."""
         if not self.connected:
             self.close()
-            self._transport = Transport(self.settings, consume=False)
+            self._transport = Transport(
+                self.settings,
+                consume=False,
+                name=self.app_id,
+                timeout=self.timeout if timeout is None else timeout,
+            )
 
     def service(self) -> None:
         """Answer heartbeats on an idle connection; drop it if it turns out to be gone.
@@ -133,16 +156,27 @@ class Publisher:
         try:
             self._transport.sleep(0)
         except TransportError as e:
-            log.info("Idle broker connection lost (%s); will reconnect when needed.", e)
+            # The node's loss is logged once for the process (consumer.brokers), not here for
+            # each idle connection that notices it.
+            log.debug("Idle broker connection lost (%s); will reconnect when needed.", e)
             self.close()
 
-    def publish_once(self, body: bytes, properties: Properties) -> None:
-        """One attempt; raises :class:`PublishError` or :class:`TransportError`."""
-        self.connect()
+    def publish_once(
+        self, body: bytes, properties: Properties, timeout: float | None = None
+    ) -> None:
+        """One attempt, within ``timeout`` seconds (connecting included; default the
+        publisher's ``timeout``); raises :class:`PublishError` or :class:`TransportError`."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = self._clock() + timeout
+        self.connect(timeout)
         assert self._transport is not None
         try:
             self._transport.publish(
-                self.settings.exchange, self.settings.routing_key, body, properties
+                self.settings.exchange,
+                self.settings.routing_key,
+                body,
+                properties,
+                timeout=max(0.001, deadline - self._clock()),
             )
         except (PublishError, TransportError):
             # A fresh connection declares the topology again, which is also what repairs an
@@ -150,35 +184,56 @@ class Publisher:
             self.close()
             raise
 
-    def publish(self, env: Environ, *, message_id: str | None = None) -> str | None:
-        """Publish with confirms, retrying a bounded number of times; returns the message id.
+    def publish(
+        self, env: Environ, *, message_id: str | None = None, timeout: float | None = None
+    ) -> str | None:
+        """Publish with confirms, retrying within the time budget; returns the message id.
 
-        Raises :class:`PublishError` (nacked or unroutable) or :class:`TransportError` (no broker)
-        once ``attempts`` are spent. A retry after a lost confirm may publish a second copy; the
-        consumer recognises it by its message id.
+        ``timeout`` overrides the publisher's budget for this message. Raises
+        :class:`PublishError` (nacked, unroutable, not confirmed in time) or
+        :class:`TransportError` (no broker node answered) once the budget is spent. A retry after
+        a lost confirm may publish a second copy; the consumer recognises it by its message id.
         """
         body = encode(env)
         properties = message_properties(env, message_id, self.app_id)
+        budget = self.timeout if timeout is None else timeout
+        started = self._clock()
+        deadline = started + budget
         backoff = Backoff(self.backoff_initial, self.backoff_max)
-        for attempt in range(1, self.attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                self.publish_once(body, properties)
+                self.publish_once(body, properties, max(0.001, deadline - self._clock()))
+                if attempt > 1:
+                    log.debug(
+                        "Message %r confirmed after %d attempts in %.1f s.",
+                        properties.message_id,
+                        attempt,
+                        self._clock() - started,
+                    )
                 return properties.message_id
             except (PublishError, TransportError) as e:
-                if attempt == self.attempts:
-                    log.warning("Publish failed after %d attempt(s): %s", attempt, e)
+                remaining = deadline - self._clock()
+                if remaining <= 0 or (self.attempts is not None and attempt >= self.attempts):
+                    # The caller reports the failure: the error says what happened.
+                    log.debug(
+                        "Publish failed after %d attempt(s) in %.1f s: %s",
+                        attempt,
+                        self._clock() - started,
+                        e,
+                    )
                     raise
-                delay = backoff.next()
-                log.info("Publish attempt %d failed (%s); retrying in %.2f s.", attempt, e, delay)
+                delay = min(backoff.next(), remaining)
+                log.debug("Publish attempt %d failed (%s); retrying in %.2f s.", attempt, e, delay)
                 self._sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
 
 
 def publish(env: Environ, settings: Settings | None = None, **kwargs: Any) -> str | None:
     """Publish one environ on a short-lived connection (declaring the topology if needed).
 
-    Keyword arguments go to :class:`Publisher` (``attempts``, ``backoff_max``...), except
-    ``message_id``, which overrides the ``group_id`` as the message's id.
+    Keyword arguments go to :class:`Publisher` (``timeout``, ``attempts``, ``backoff_max``...),
+    except ``message_id``, which overrides the ``group_id`` as the message's id.
     """
     message_id = kwargs.pop("message_id", None)
     with Publisher(settings or Settings(), **kwargs) as publisher:

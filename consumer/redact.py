@@ -12,11 +12,17 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from consumer.brokers import URL_SEPARATOR, split_urls
+
 #: What a removed secret is replaced with.
 MASK = "***"
 
 # scheme://user:password@ : the password is everything up to the last '@' before the host.
 _URL_CREDENTIALS = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s/@]*@")
+
+# user:password@ anywhere, scheme or not: what is left of a password in text that is not one
+# well-formed URL (two URLs run together, a URL without its scheme).
+_LOOSE_CREDENTIALS = re.compile(r"(?P<head>[^\s:/@]*:)[^\s/@]*@")
 
 #: Secrets shorter than this are not replaced as plain words (it would mangle ordinary text).
 _MIN_SECRET = 4
@@ -25,8 +31,15 @@ _MIN_SECRET = 4
 def redact_url(url: str) -> str:
     """``url`` with its password and query (if any) replaced by :data:`MASK`; never raises.
 
-    The query goes too: an ``amqps://`` URL's ``ssl_options`` may hold a key's passphrase.
+    The query goes too: an ``amqps://`` URL's ``ssl_options`` may hold a key's passphrase. A list
+    of URLs (a cluster's nodes, see :mod:`consumer.brokers`) has each of them redacted.
     """
+    if URL_SEPARATOR in url:
+        return URL_SEPARATOR.join(redact_url(part) for part in split_urls(url))
+    return _LOOSE_CREDENTIALS.sub(rf"\g<head>{MASK}@", _redact_one_url(url))
+
+
+def _redact_one_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         netloc = parts.netloc
@@ -59,9 +72,14 @@ class Redactor:
         for secret in secrets:
             if not secret:
                 continue
-            # A URL contributes its password, in both the encoded and the decoded spelling.
-            password = password_of(secret) if "://" in secret else secret
-            for word in (password, _encoded_password(secret)):
+            # A URL contributes its password, in both the encoded and the decoded spelling; a
+            # list of URLs, each URL's.
+            if "://" in secret:
+                urls = split_urls(secret) if URL_SEPARATOR in secret else [secret]
+                found = [w for url in urls for w in (password_of(url), _encoded_password(url))]
+            else:
+                found = [secret]
+            for word in found:
                 if word and len(word) >= _MIN_SECRET:
                     words.add(word)
         # Longest first, so that a secret containing another is removed whole.

@@ -17,7 +17,8 @@ Answers (sioworkersd counts anything but 200 as a failure and retries later):
 408   the request did not arrive within the read timeout
 411   no ``Content-Length`` (and not chunked); 413: the body is over the limit
 415   the body is neither ``multipart/form-data`` nor ``application/x-www-form-urlencoded``
-503   the broker is unreachable, or did not accept the message (unroutable, nacked)
+503   no broker node answered, or the broker did not accept the message (unroutable, nacked), or
+      did not confirm it within the publish timeout (a cluster without a majority)
 ====  ==========================================================================================
 
 Resources are bounded: a fixed pool of serving threads, each with its own broker connection (pika
@@ -82,14 +83,17 @@ class ShimConfig:
     auth_token: str | None = None
     #: Connections the kernel queues while every thread is busy.
     backlog: int = 128
-    #: Attempts at a publish within one request before answering 503 (the first retry usually
-    #: replaces a connection the broker has dropped).
-    publish_attempts: int = 3
+    #: Seconds a request may spend having its result confirmed (connecting to a node that
+    #: answers, publishing, the broker's confirm, and again after a failure) before the answer
+    #: is 503. Short of a client's patience: sioworkersd keeps the result and tries later.
+    publish_timeout: float = 10.0
     publish_backoff_max: float = 1.0
 
     def __post_init__(self) -> None:
         if self.threads < 1 or self.max_body_bytes < 1 or self.read_timeout <= 0:
             raise ValueError("need threads >= 1, max_body_bytes >= 1 and read_timeout > 0")
+        if self.publish_timeout <= 0:
+            raise ValueError("publish_timeout must be positive")
 
 
 class ShimObserver:
@@ -242,6 +246,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         self._ids: dict[str, Any] = {}
         self._expects_continue = False
         self._body_pending = False
+        self._why = ""
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if not self.raw_requestline:
@@ -338,7 +343,8 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
                 data, message_id=group_id if isinstance(group_id, str) and group_id else None
             )
         except (PublishError, TransportError) as e:
-            log.warning("Cannot forward the result of group %r: %s", group_id, e)
+            # Said once, in the request's own line; the broker node's loss has its own line.
+            self._why = str(e)
             raise Reject(503, "broker unavailable, result not taken; try again later") from None
         self._answer(200, "OK")
 
@@ -459,8 +465,9 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
         seconds = time.monotonic() - self._started
         self.observer.request(self._status, seconds)
         path = urllib.parse.urlsplit(self.path).path  # never the query: it may hold the token
-        log.info(
-            "%s %s %s -> %s, %d bytes, %.1f ms, job_id=%r group_id=%r submission_id=%r",
+        log.log(
+            logging.WARNING if self._why else logging.INFO,
+            "%s %s %s -> %s, %d bytes, %.1f ms, job_id=%r group_id=%r submission_id=%r%s",
             self.address_string(),
             self.command or "-",
             path or "-",
@@ -470,6 +477,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
             self._ids.get("job_id"),
             self._ids.get("group_id"),
             self._ids.get("submission_id"),
+            f" ({self._why})" if self._why else "",
             # The same ids as structured fields, for the JSON log format (LOG_FORMAT=json).
             extra={
                 "message_id": self._ids.get("group_id"),
@@ -558,7 +566,7 @@ class Server(http.server.HTTPServer):
     def _default_publisher(self) -> Publisher:
         return Publisher(
             self.settings,
-            attempts=self.config.publish_attempts,
+            timeout=self.config.publish_timeout,
             backoff_initial=0.1,
             backoff_max=self.config.publish_backoff_max,
             app_id=APP_ID,
@@ -659,7 +667,7 @@ def serve(
     """Run the shim until its ``stop()`` is called (``on_ready`` gets the server to call it on)."""
     server = Server((addr, port), settings=settings, config=config, observer=observer)
     try:
-        _check_broker(settings)
+        _check_broker(settings, config)
         if on_ready is not None:
             on_ready(server)
         log.info(
@@ -675,10 +683,10 @@ def serve(
         server.server_close()
 
 
-def _check_broker(settings: Settings) -> None:
+def _check_broker(settings: Settings, config: ShimConfig) -> None:
     """Connect once at start to declare the topology and say early if the broker is away."""
     try:
-        with Publisher(settings, attempts=1) as publisher:
+        with Publisher(settings, attempts=1, timeout=config.publish_timeout) as publisher:
             publisher.connect()
     except (PublishError, TransportError) as e:
         log.warning("Broker not reachable at start (%s); answering 503 until it is.", e)

@@ -2,7 +2,8 @@
 
 One :class:`Transport` is one broker connection with one channel in confirm mode, used both to
 consume (prefetch-bounded, manual acks) and to publish the copies that dead-lettering and delayed
-retries need. A publish returns only once the broker has confirmed it.
+retries need. A publish returns only once the broker has confirmed it. The connection goes to the
+first node of ``AMQP_URL`` that answers (:func:`connect`, :mod:`consumer.brokers`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -23,13 +25,16 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from consumer import topology
+from consumer.brokers import nodes_of
 from consumer.config import Settings
 from consumer.errors import (
+    ConfirmTimeout,
     ConnectionClosed,
     ConsumerCancelled,
     PublishError,
     StaleDelivery,
 )
+from consumer.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +94,24 @@ class Delivery:
         return self.properties.message_id
 
 
-def connection_parameters(settings: Settings) -> pika.URLParameters:
-    params = pika.URLParameters(settings.amqp_url)
-    params.heartbeat = settings.heartbeat
-    params.blocked_connection_timeout = settings.blocked_connection_timeout
-    params.client_properties = {"connection_name": "oioioi-results"}
-    return params
+def connection_parameters(settings: Settings) -> list[pika.URLParameters]:
+    """pika's parameters for each broker node of ``settings.amqp_url``, in its order.
+
+    Raises ``ValueError`` (its text without the password) for a URL pika cannot use.
+    """
+    out = []
+    for url in settings.amqp_urls:
+        try:
+            params = pika.URLParameters(url)
+        except (ValueError, TypeError, SyntaxError) as e:
+            raise ValueError(
+                f"AMQP_URL: {redact_url(url)!r} is not valid: {redact_text(str(e), [url])}"
+            ) from None
+        params.heartbeat = settings.heartbeat
+        params.blocked_connection_timeout = settings.blocked_connection_timeout
+        params.client_properties = {"connection_name": "oioioi-results"}
+        out.append(params)
+    return out
 
 
 #: Everything pika raises when a connection fails or breaks. The connector's errors (a broker that
@@ -105,34 +122,142 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+#: What says nothing about the node: the channel was closed (a queue argument refused, ...), the
+#: connection stands.
+_CHANNEL_ERRORS: tuple[type[BaseException], ...] = (
+    pika.exceptions.ChannelClosed,
+    pika.exceptions.ChannelWrongStateError,
+    pika.exceptions.UnroutableError,
+    pika.exceptions.NackError,
+    pika.exceptions.ConsumerCancelled,
+)
+
+
+class _OutOfTime(pika.exceptions.AMQPConnectionError):
+    """Ends a connection whose broker did not answer in time (see :func:`_deadline`)."""
+
+
+def describe(error: BaseException) -> str:
+    """A short account of a connection error for a log line: its innermost cause, redacted."""
+    inner = error
+    for _ in range(5):
+        # pika wraps the cause in args, its connector's errors in an ``exception`` attribute.
+        candidates = [*getattr(inner, "args", ()), getattr(inner, "exception", None)]
+        nested = next((a for a in candidates if isinstance(a, BaseException)), None)
+        if nested is None:
+            break
+        inner = nested
+    text = str(inner).strip()
+    if isinstance(inner, OSError) and inner.strerror:
+        text = inner.strerror
+    shown = f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+    return redact_text(shown)[:300]
+
+
+def connect(
+    settings: Settings,
+    *,
+    name: str = "oioioi-results",
+    timeout: float | None = None,
+    tune: Callable[[pika.URLParameters], None] | None = None,
+) -> tuple[BlockingConnection, int]:
+    """A connection to the first broker node that answers, and that node's index.
+
+    Nodes are tried in the order :meth:`consumer.brokers.Nodes.order` gives, each reported to
+    the process's :class:`~consumer.brokers.Nodes`. ``timeout`` bounds the whole attempt, every
+    node included; ``tune`` may change each node's parameters (shorter timeouts). Raises
+    :class:`ConnectionClosed` naming each node and why it did not answer.
+    """
+    nodes = nodes_of(settings.amqp_urls)
+    params = connection_parameters(settings)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failures: list[str] = []
+    for index in nodes.order():
+        node_params = params[index]
+        node_params.client_properties = {"connection_name": name}
+        if tune is not None:
+            tune(node_params)
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                failures.append(f"{nodes.name(index)}: not tried, out of time")
+                continue
+            node_params.socket_timeout = min(node_params.socket_timeout or remaining, remaining)
+            node_params.stack_timeout = min(node_params.stack_timeout or remaining, remaining)
+        try:
+            connection = pika.BlockingConnection(node_params)
+        except CONNECTION_ERRORS as e:
+            reason = describe(e)
+            if "AMQPConnectorStackTimeout" in reason:
+                # pika's text is a dump of the socket address; what happened is simpler.
+                reason = f"no answer within {node_params.stack_timeout:g} s"
+            nodes.refused(index, reason)
+            failures.append(f"{nodes.name(index)}: {reason}")
+            continue
+        nodes.answered(index)
+        return connection, index
+    if len(failures) == 1:
+        raise ConnectionClosed(f"cannot connect to broker node {failures[0]}")
+    raise ConnectionClosed("no broker node answered (" + "; ".join(failures) + ")")
+
 
 @contextmanager
-def _wrapped() -> Iterator[None]:
+def _deadline(connection: BlockingConnection, seconds: float | None) -> Iterator[None]:
+    """Cut ``connection`` if the block has not finished within ``seconds``.
+
+    pika's blocking calls wait for the broker for ever (a publish for its confirm, which a quorum
+    queue without a majority never sends). Its own blocked-connection timeout ends a connection
+    the same way: a timer on the connection's I/O loop, which the blocking call keeps running,
+    terminates the stream with an error, and the call raises it.
+    """
+    if seconds is None:
+        yield
+        return
+    impl = connection._impl
+
+    def expire() -> None:
+        impl._terminate_stream(_OutOfTime(f"no answer from the broker within {seconds:.1f} s"))
+
+    timer = impl._adapter_call_later(max(seconds, 0.001), expire)
     try:
         yield
-    except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
-        raise PublishError(f"broker did not accept the message: {e!r}") from None
-    except pika.exceptions.ConsumerCancelled:
-        raise ConsumerCancelled("the broker cancelled the consumer") from None
-    except CONNECTION_ERRORS as e:
-        raise ConnectionClosed(f"broker connection lost: {e!r}") from None
+    finally:
+        impl._adapter_remove_timeout(timer)
 
 
 class Transport:
-    """A confirmed channel on a fresh connection; use as a context manager."""
+    """A confirmed channel on a fresh connection; use as a context manager.
 
-    def __init__(self, settings: Settings, *, consume: bool = True) -> None:
+    The connection goes to the first broker node that answers (:func:`connect`); ``node`` names
+    it. ``timeout`` bounds connecting and setting the channel up; ``name`` is the connection's
+    name in the broker's management tools.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        consume: bool = True,
+        name: str = "oioioi-results",
+        timeout: float | None = None,
+    ) -> None:
         self.settings = settings
         self._consume = consume
         self._pending: collections.deque[Delivery] = collections.deque()
         self._cancelled = False
         self._prefetch = 0
         self._consumer_tag = ""
-        with _wrapped():
-            self._connection: BlockingConnection = pika.BlockingConnection(
-                connection_parameters(settings)
-            )
-            try:
+        self._nodes = nodes_of(settings.amqp_urls)
+        self._lost = False
+        started = time.monotonic()
+        self._connection, self._index = connect(settings, name=name, timeout=timeout)
+        #: ``host:port`` of the broker node this transport is connected to.
+        self.node = self._nodes.name(self._index)
+        #: Its URL, password masked.
+        self.node_url = redact_url(self._nodes.url(self._index))
+        remaining = None if timeout is None else timeout - (time.monotonic() - started)
+        try:
+            with self._guard(), _deadline(self._connection, remaining):
                 self._channel: BlockingChannel = self._connection.channel()
                 self.generation = next(_generations)
                 self._channel.confirm_delivery()
@@ -147,9 +272,30 @@ class Transport:
                     self._consumer_tag = self._channel.basic_consume(
                         settings.queue, self._on_message, auto_ack=False
                     )
-            except BaseException:
-                self._close_quietly()
-                raise
+        except BaseException:
+            self._close_quietly()
+            raise
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """pika's errors as the library's; a broken connection reported against its node."""
+        try:
+            yield
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
+            raise PublishError(f"broker did not accept the message: {e!r}") from None
+        except pika.exceptions.ConsumerCancelled:
+            raise ConsumerCancelled("the broker cancelled the consumer") from None
+        except _OutOfTime as e:
+            # The node answered, but not in time (a queue without a majority holds its
+            # confirms): the next connection tries another node first, if there is one.
+            self._nodes.passed_over(self._index)
+            raise ConfirmTimeout(f"{e} (node {self.node})") from None
+        except CONNECTION_ERRORS as e:
+            reason = describe(e)
+            if not isinstance(e, _CHANNEL_ERRORS) and not self._lost:
+                self._lost = True
+                self._nodes.lost(self._index, reason)
+            raise ConnectionClosed(f"broker connection lost: {reason}") from None
 
     def __enter__(self) -> Transport:
         return self
@@ -178,7 +324,7 @@ class Transport:
     ) -> list[Delivery]:
         """Up to ``max_count`` deliveries, and bodies of ``max_bytes`` in all (but at least one
         delivery): waits at most ``timeout`` seconds for the first."""
-        with _wrapped():
+        with self._guard():
             if not self._pending:
                 self._connection.process_data_events(time_limit=timeout)
             # Take what else has arrived meanwhile, without waiting, to fill the batch.
@@ -206,7 +352,7 @@ class Transport:
             # has buffered when an unacked consumer is cancelled: those messages would come back
             # as redeliveries, charged a delivery each. A channel starts afresh at one instead.
             return
-        with _wrapped():
+        with self._guard():
             # RabbitMQ gives a consumer the prefetch in force when it started; a later basic.qos
             # reaches only consumers started after it. So the consumer is started again. At the
             # cautious prefetch of one nothing is buffered beyond the delivery in hand, which
@@ -226,12 +372,25 @@ class Transport:
                 f"delivery {delivery.tag} belongs to channel {delivery.generation}, "
                 f"not the current {self.generation}"
             )
-        with _wrapped():
+        with self._guard():
             self._channel.basic_ack(delivery.tag, multiple=multiple)
 
-    def publish(self, exchange: str, routing_key: str, body: bytes, properties: Properties) -> None:
-        """Publish persistent and mandatory; returns once the broker has confirmed it."""
-        with _wrapped():
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: Properties,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish persistent and mandatory; returns once the broker has confirmed it.
+
+        Without a confirm within ``timeout`` seconds the connection is cut and
+        :class:`~consumer.errors.ConfirmTimeout` raised: the message may still arrive, and this
+        transport is done for (a later confirm must not be taken for another message's).
+        """
+        with self._guard(), _deadline(self._connection, timeout):
             self._channel.basic_publish(
                 exchange, routing_key, body, properties.to_pika(), mandatory=True
             )
@@ -240,7 +399,7 @@ class Transport:
 
     def sleep(self, seconds: float) -> None:
         """Sleep while keeping heartbeats flowing (``time.sleep`` would starve them)."""
-        with _wrapped():
+        with self._guard():
             self._connection.sleep(seconds)
 
     def wait(self, future: Future[T]) -> T:
@@ -253,7 +412,7 @@ class Transport:
 
         future.add_done_callback(wake)
         try:
-            with _wrapped():
+            with self._guard():
                 while not future.done():
                     self._connection.process_data_events(time_limit=1.0)
         except ConnectionClosed:
@@ -280,8 +439,3 @@ class Transport:
     @property
     def is_open(self) -> bool:
         return bool(self._connection.is_open and self._channel.is_open)
-
-
-def call_with_transport(settings: Settings, func: Callable[[Transport], T]) -> T:
-    with Transport(settings, consume=False) as transport:
-        return func(transport)

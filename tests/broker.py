@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pika
@@ -132,14 +135,154 @@ class RabbitNode:
     def close_all_connections(self) -> None:
         self.ctl("close_all_connections", "test")
 
+    def pid(self) -> int | None:
+        """The node's Erlang VM, as its pid file says (None before it has written one)."""
+        try:
+            return int((self.base / "pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the node's VM, as a crash or a power cut would end it; returns once it is gone."""
+        pid = self.pid()
+        if pid is None:
+            raise BrokerUnavailable(f"{self.name} has no pid file")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"{self.name} (pid {pid}) did not die")
+            time.sleep(0.05)
+        (self.base / "pid").unlink(missing_ok=True)
+
+    def restart(self, timeout: float = 90.0) -> RabbitNode:
+        """Start a killed node again on its own data (a cluster member rejoins its cluster)."""
+        # The node's distribution port may linger a moment after a SIGKILL; peers find the new
+        # one through epmd.
+        self.dist_port = free_port()
+        return self.start(timeout)
+
     def stop(self) -> None:
         try:
             self.ctl("stop", timeout=60)
         except Exception:
-            pid = (self.base / "pid").read_text().strip() if (self.base / "pid").exists() else ""
+            pid = self.pid()
             if pid:
-                subprocess.run(["kill", "-9", pid], check=False)
+                subprocess.run(["kill", "-9", str(pid)], check=False)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie nobody has reaped yet does not: PID 1 of a container may
+    never reap a detached node)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+class RabbitCluster:
+    """Private nodes joined into one cluster on loopback (see ../shared/RABBITMQ.md).
+
+    ``url`` is the list of every node's URL, as ``AMQP_URL`` takes it. Quorum queues declared
+    once the cluster is formed have a member on every node.
+    """
+
+    def __init__(self, size: int = 3) -> None:
+        self.nodes = [RabbitNode() for _ in range(size)]
+
+    @property
+    def url(self) -> str:
+        return ";".join(node.url for node in self.nodes)
+
+    def urls(self, *order: int) -> str:
+        """The nodes' URLs in another order (indexes into ``nodes``)."""
+        return ";".join(self.nodes[i].url for i in order)
+
+    def start(self) -> RabbitCluster:
+        # Side by side: a node takes 5 to 15 s to start, mostly waiting.
+        _all([node.start for node in self.nodes])
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            node.ctl("stop_app")
+            node.ctl("join_cluster", first.name)
+            node.start_app()
+        status = first.ctl("cluster_status", "--formatter", "json")
+        for node in self.nodes:
+            if status.count(node.name) < 2:  # among the disc nodes and the running ones
+                raise BrokerUnavailable(f"{node.name} is not a running member:\n{status}")
+        return self
+
+    def by_name(self, name: str) -> RabbitNode:
+        return next(node for node in self.nodes if node.name == name)
+
+    def by_port(self, port: int) -> RabbitNode:
+        return next(node for node in self.nodes if node.port == port)
+
+    def live(self) -> list[RabbitNode]:
+        return [node for node in self.nodes if (pid := node.pid()) and _alive(pid)]
+
+    def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """``rabbitmqctl`` on a live node."""
+        last: Exception | None = None
+        for node in self.live():
+            try:
+                return node.ctl(*args, timeout=timeout)
+            except (BrokerUnavailable, subprocess.TimeoutExpired) as e:
+                last = e
+        raise BrokerUnavailable(f"no live node answered rabbitmqctl {' '.join(args)}: {last}")
+
+    def queue_info(self, queue: str) -> dict[str, str]:
+        """``leader``, ``members`` and ``online`` of a quorum queue, as rabbitmqctl lists them."""
+        out = self.ctl(
+            "list_queues", "-q", "--no-table-headers", "name", "leader", "members", "online"
+        )
+        for line in out.splitlines():
+            name, _, rest = line.partition("\t")
+            if name == queue:
+                leader, members, online = rest.split("\t")
+                return {"leader": leader, "members": members, "online": online}
+        raise AssertionError(f"queue {queue!r} not listed:\n{out}")
+
+    def leader(self, queue: str) -> RabbitNode:
+        return self.by_name(self.queue_info(queue)["leader"])
+
+    def wait_online(self, queues: list[str], count: int, timeout: float = 90.0) -> None:
+        """Until each queue has ``count`` members online (a restarted node has caught up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                infos = [self.queue_info(q) for q in queues]
+                if all(i["online"].count("@") == count for i in infos):
+                    return
+            except (BrokerUnavailable, AssertionError, ValueError) as e:
+                infos = [{"error": str(e)}]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not {count} members online within {timeout:.0f} s: {infos}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        _all([node.stop for node in self.nodes])
+
+
+def _all(calls: Iterable[Callable[[], object]]) -> None:
+    """Run the calls side by side; raise the first error once all have ended."""
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], object]) -> None:
+        try:
+            call()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def docker_reachable() -> bool:

@@ -17,6 +17,7 @@ import pika
 import pytest
 
 from consumer.config import Settings
+from consumer.transport import connect
 from tests.broker import BrokerUnavailable, RabbitNode, docker_reachable, wait_for_amqp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +119,8 @@ class BrokerClient:
         self.settings = settings
 
     def _channel(self) -> tuple[pika.BlockingConnection, Any]:
-        conn = pika.BlockingConnection(pika.URLParameters(self.settings.amqp_url))
+        # The first node that answers, when the settings name a cluster's.
+        conn = connect(self.settings, name="oioioi-tests")[0]
         channel = conn.channel()
         channel.confirm_delivery()
         from consumer import topology

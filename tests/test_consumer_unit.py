@@ -34,6 +34,7 @@ class FakeTransport:
         self.events = events
         self.consumer = consumer
         self.generation = 1
+        self.node_url = "amqp://fake:***@node:5672/%2F"
 
     def __enter__(self) -> FakeTransport:
         return self

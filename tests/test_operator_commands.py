@@ -135,7 +135,12 @@ def test_startup_problems_are_command_errors(dlq, settings):
     with pytest.raises(CommandError, match="does not exist"):
         run("list")
     settings.AMQP_URL = "amqp://guest:secret-pw@127.0.0.1:1/%2F"
-    with pytest.raises(CommandError, match="connection") as caught:
+    with pytest.raises(CommandError, match=r"cannot connect to broker node 127\.0\.0\.1:1") as caught:
+        run("list")
+    assert "secret-pw" not in str(caught.value)
+    # A malformed list of broker URLs is refused before anything connects
+    settings.AMQP_URL = "amqp://guest:secret-pw@127.0.0.1:1/%2F;;amqp://guest:secret-pw@h2/"
+    with pytest.raises(CommandError, match="entry 2 of 3 is empty") as caught:
         run("list")
     assert "secret-pw" not in str(caught.value)
 

@@ -13,8 +13,9 @@ from typing import Any
 import pika
 import pytest
 
+from consumer.brokers import node_name
 from consumer.config import Settings
-from consumer.errors import TransportError
+from consumer.errors import ConfirmTimeout, TransportError
 from consumer.publish import Publisher, publish
 from tests.broker import free_port
 from tests.conftest import FIXTURES, ROOT, BrokerClient, make_settings
@@ -77,7 +78,7 @@ def test_unroutable_publish_is_repaired_by_redeclaring(broker, caplog):
     conn.channel().queue_delete(broker.settings.queue)
     conn.close()
     # When it publishes, the first attempt is refused and the retry declares the queue again
-    with caplog.at_level(logging.INFO, logger="consumer.publish"):
+    with caplog.at_level(logging.DEBUG, logger="consumer.publish"):
         publisher.publish(ENV)
     publisher.close()
     assert "Publish attempt 1 failed" in caplog.text
@@ -93,6 +94,76 @@ def test_retries_are_bounded_with_backoff():
         publisher.publish(ENV)
     assert len(slept) == 3
     assert all(0 <= s <= 0.5 for s in slept)
+
+
+class FakeTime:
+    """A clock that only moves when slept on."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_retries_go_on_for_the_time_budget_and_no_longer():
+    # Given no broker, and a publisher's budget of 30 s (the default)
+    settings = Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
+    fake = FakeTime()
+    publisher = Publisher(settings, sleep=fake.sleep, clock=fake.clock)
+    assert publisher.timeout == settings.publish_timeout == 30.0
+    # When it publishes, it tries again and again, with backoff, until the budget is spent
+    with pytest.raises(TransportError, match=r"cannot connect to broker node 127\.0\.0\.1"):
+        publisher.publish(ENV)
+    assert sum(fake.slept) == pytest.approx(30.0, abs=0.01)
+    assert len(fake.slept) >= 8
+    assert max(fake.slept) <= publisher.backoff_max
+    # And a budget of its own for one message
+    fake.slept.clear()
+    with pytest.raises(TransportError):
+        publisher.publish(ENV, timeout=3.0)
+    assert sum(fake.slept) == pytest.approx(3.0, abs=0.01)
+
+
+def test_a_publish_the_broker_never_confirms_fails_within_its_timeout(private_broker):
+    # Given a broker that holds every publish (its memory alarm blocks publishers), which is
+    # what a quorum queue without a majority does to confirms
+    settings = make_settings(private_broker.url)
+    with Publisher(settings) as publisher:
+        publisher.connect()
+        private_broker.ctl("set_vm_memory_high_watermark", "0.0000001")
+        try:
+            # When a message is published with a budget of 2 s
+            started = time.monotonic()
+            with pytest.raises(ConfirmTimeout, match="within"):
+                publisher.publish(ENV, timeout=2.0)
+            took = time.monotonic() - started
+        finally:
+            private_broker.ctl("set_vm_memory_high_watermark", "0.4")
+        # Then it gives up after 2 s, not when the broker lets go, with the connection dropped
+        assert 2.0 <= took < 4.0, took
+        assert not publisher.connected
+        # And the next publish goes through once the broker takes messages again
+        publisher.publish(ENV)
+    assert BrokerClient(settings).depth(settings.queue) >= 1
+
+
+def test_the_first_node_that_answers_is_used(broker):
+    # Given a list of broker URLs whose first node does not answer
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
+    settings = broker.settings.replace(amqp_url=f"{dead} ; {broker.settings.amqp_url}")
+    # When a result is published
+    with Publisher(settings) as publisher:
+        publisher.publish(ENV)
+        # Then it went through the second, and the connection stays there
+        assert publisher.node == node_name(broker.settings.amqp_url)
+        publisher.publish(ENV)
+    assert broker.depth() == 2
 
 
 def test_one_connection_is_reused_and_replaced_after_a_loss(private_broker):

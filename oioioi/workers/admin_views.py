@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import messages
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import ImproperlyConfigured, PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
@@ -29,7 +29,7 @@ from consumer.redact import redact_text
 from oioioi.evalmgr.models import QueuedJob
 from oioioi.workers.admin_helpers import duration, pretty_json
 from oioioi.workers.admin_site import admin_url
-from oioioi.workers.conf import consumer_settings
+from oioioi.workers.conf import consumer_settings, setting
 from oioioi.workers.permissions import REPLAY_PERMISSION, VIEW_PERMISSION
 
 if TYPE_CHECKING:
@@ -45,7 +45,12 @@ BODY_DISPLAY_LIMIT = 256 * 1024
 
 #: Errors of a broker call: shown as a notice, never an error page. The dead-letter tools wrap
 #: pika's errors in ours, except (so far) the connector error of a handshake that timed out.
-BROKER_ERRORS: tuple[type[BaseException], ...] = (ConsumerError, AMQPConnectorException, OSError)
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    ConsumerError,
+    AMQPConnectorException,
+    OSError,
+    ImproperlyConfigured,  # a malformed AMQP_URL: the page says so instead of failing
+)
 
 ACTIONS = {
     "replay": "Replay",
@@ -77,7 +82,7 @@ def _context(model_admin: ModelAdmin[Any], request: HttpRequest, title: str) -> 
         "list_url": admin_url("workers_deadletterqueue_changelist"),
         "confirm_url": admin_url("workers_deadletterqueue_confirm"),
         "status_url": admin_url("workers_deadletterqueue_status"),
-        "queue_name": consumer_settings().dead_letter_queue,
+        "queue_name": setting("RESULTS_DEAD_LETTER_QUEUE"),
     }
 
 
@@ -102,6 +107,8 @@ def _broker_error(request: HttpRequest, error: BaseException) -> str:
         type(error).__name__,
         extra={"user": request.user.get_username()},
     )
+    if isinstance(error, ImproperlyConfigured):
+        return f"The broker settings are not valid: {error}."
     if isinstance(error, deadletters.TopologyMissing):
         return f"{error}. Nothing has been dead-lettered there yet, or the queue names differ."
     if isinstance(error, ConnectionClosed | AMQPConnectorException | OSError):
@@ -191,9 +198,9 @@ def dead_letter_action(model_admin: ModelAdmin[Any], request: HttpRequest) -> Ht
         return HttpResponseRedirect(list_url)
     if request.POST.get("confirmed") != "yes":
         return _confirmation(model_admin, request, action, ids)
-    settings = consumer_settings()
     user = request.user.get_username()
     try:
+        settings = consumer_settings()
         if action == "replay":
             report = deadletters.replay(settings, ids)
             _report_replay(request, report, len(ids))
@@ -221,8 +228,8 @@ def _confirmation(
     model_admin: ModelAdmin[Any], request: HttpRequest, action: str, ids: list[str]
 ) -> HttpResponse:
     context = _context(model_admin, request, f"{ACTIONS[action]} dead letters: are you sure?")
-    settings = consumer_settings()
     try:
+        settings = consumer_settings()
         found = [letter for i in ids if (letter := deadletters.get(settings, i)) is not None]
     except BROKER_ERRORS as e:
         context.update(broker_error=_broker_error(request, e), rows=[])

@@ -13,8 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import CommandError
 
 from consumer.config import Settings
+from consumer.transport import connection_parameters
 
 
 def _bool(value: str) -> bool:
@@ -48,6 +51,7 @@ DEFAULTS: dict[str, tuple[Any, Callable[[str], Any]]] = {
     "RESULTS_PREFETCH": (200, int),
     "RESULTS_BATCH_SIZE": (100, int),
     "RESULTS_BATCH_BYTES": (8 * 1024 * 1024, int),
+    "RESULTS_PUBLISH_TIMEOUT": (30.0, float),
     # The database retry policy and housekeeping.
     "RESULTS_DB_RETRY_ATTEMPTS": (5, int),
     "RESULTS_DB_RETRY_INITIAL": (0.2, float),
@@ -66,6 +70,7 @@ DEFAULTS: dict[str, tuple[Any, Callable[[str], Any]]] = {
     "SHIM_MAX_BODY_BYTES": (64 * 1024 * 1024, int),
     "SHIM_THREADS": (16, int),
     "SHIM_READ_TIMEOUT": (30.0, float),
+    "SHIM_PUBLISH_TIMEOUT": (10.0, float),
     # Health and metrics.
     "METRICS_PORT": (None, _port),
     "METRICS_ADDR": ("0.0.0.0", str),
@@ -89,7 +94,8 @@ def setting(name: str) -> Any:
 
 
 def consumer_settings(**overrides: Any) -> Settings:
-    """The consumer library's frozen settings, from this project's."""
+    """The consumer library's frozen settings, from this project's; raises
+    ``ImproperlyConfigured`` for a value the library refuses (a malformed ``AMQP_URL``)."""
     values: dict[str, Any] = {
         "amqp_url": setting("AMQP_URL"),
         "exchange": setting("RESULTS_EXCHANGE"),
@@ -111,6 +117,23 @@ def consumer_settings(**overrides: Any) -> Settings:
         "db_retry_initial": setting("RESULTS_DB_RETRY_INITIAL"),
         "db_retry_max": setting("RESULTS_DB_RETRY_MAX"),
         "db_probe_max": setting("RESULTS_DB_PROBE_MAX"),
+        "publish_timeout": setting("RESULTS_PUBLISH_TIMEOUT"),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(**values)
+    try:
+        settings = Settings(**values)
+        connection_parameters(settings)  # what pika itself refuses in a URL, refused now
+    except ValueError as e:
+        # A malformed AMQP_URL (its password masked in the text) or an impossible value: every
+        # command and page stops here, at start, saying which.
+        raise ImproperlyConfigured(str(e)) from None
+    return settings
+
+
+def command_settings(**overrides: Any) -> Settings:
+    """:func:`consumer_settings` for a management command: a refused value stops it at start
+    with a ``CommandError`` (the reason on standard error, exit status 1), not a traceback."""
+    try:
+        return consumer_settings(**overrides)
+    except ImproperlyConfigured as e:
+        raise CommandError(str(e)) from None

@@ -74,6 +74,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class PikaAtDebug(logging.Filter):
+    """pika's records as DEBUG lines.
+
+    pika logs a refused or lost connection as several errors, each with a traceback, on every
+    attempt (hundreds of lines in a minute's outage). The return path says in one line what each
+    change means (a node lost, reconnecting in N s, reconnected to which node); pika's account
+    is for whoever runs at ``LOG_LEVEL=DEBUG``, and says so by its level.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno = logging.DEBUG
+        record.levelname = "DEBUG"
+        return True
+
+
+def pika_logger_config(level: str | int) -> dict[str, Any]:
+    """How the ``pika`` logger is set up: nothing below DEBUG, and at DEBUG all of it, demoted."""
+    debug = logging.getLevelName(level) == "DEBUG" or level == logging.DEBUG
+    # Above CRITICAL when not debugging: pika's own levels mean nothing once it is demoted.
+    return {"level": logging.DEBUG if debug else logging.CRITICAL + 1, "filters": ["pika_at_debug"]}
+
+
 #: ``LOG_FORMAT`` values and their formatter classes.
 FORMATTERS = {"human": HumanFormatter, "json": JsonFormatter}
 
@@ -89,12 +111,12 @@ def logging_config(log_format: str, level: str, secrets: Iterable[str | None]) -
         "formatters": {
             "default": {"()": f"{cls.__module__}.{cls.__qualname__}", "secrets": list(secrets)},
         },
+        "filters": {"pika_at_debug": {"()": f"{PikaAtDebug.__module__}.PikaAtDebug"}},
         "handlers": {
             "console": {"class": "logging.StreamHandler", "formatter": "default"},
         },
         "root": {"handlers": ["console"], "level": level},
-        # pika logs every socket event at INFO; its warnings and errors are what an operator needs.
-        "loggers": {"pika": {"level": "WARNING"}},
+        "loggers": {"pika": pika_logger_config(level)},
     }
 
 
@@ -123,3 +145,13 @@ def route_library_logs() -> None:
         library.addHandler(handler)
     library.setLevel(project.level)
     library.propagate = project.propagate
+
+
+def quiet_pika(level: int) -> None:
+    """Set the ``pika`` logger up as :func:`pika_logger_config` says, unless something has."""
+    pika_logger = logging.getLogger("pika")
+    if pika_logger.level != logging.NOTSET or pika_logger.filters:
+        return
+    config = pika_logger_config(level)
+    pika_logger.setLevel(config["level"])
+    pika_logger.addFilter(PikaAtDebug())

@@ -19,8 +19,9 @@ from pika.adapters.utils.connection_workflow import (
 )
 
 from consumer.config import Settings
+from consumer.errors import ConnectionClosed
 from consumer.redact import redact_text
-from consumer.transport import CONNECTION_ERRORS, connection_parameters
+from consumer.transport import CONNECTION_ERRORS, connect
 from oioioi.evalmgr.models import QueuedJob
 from oioioi.workers.conf import setting
 
@@ -63,15 +64,12 @@ def _parameters_timeout() -> float:
     return CONNECT_TIMEOUT * 2
 
 
-def _parameters(settings: Settings) -> pika.URLParameters:
-    params = connection_parameters(settings)
+def _tune(params: pika.URLParameters) -> None:
     params.connection_attempts = 1
     params.retry_delay = 0
     params.socket_timeout = CONNECT_TIMEOUT
     params.stack_timeout = _parameters_timeout()
     params.blocked_connection_timeout = CONNECT_TIMEOUT * 2
-    params.client_properties = {"connection_name": "oioioi-admin-status"}
-    return params
 
 
 def broker_status(settings: Settings) -> BrokerStatus:
@@ -82,10 +80,11 @@ def broker_status(settings: Settings) -> BrokerStatus:
         ("dead letters", settings.dead_letter_queue),
     ]
     try:
-        connection = pika.BlockingConnection(_parameters(settings))
-    except _BROKER_ERRORS as e:
-        # The URL holds credentials: say what failed, not where.
-        log.warning("Operator panel: the broker is unreachable (%s).", type(e).__name__)
+        # The first node of AMQP_URL that answers; each node gets the short timeouts.
+        connection = connect(settings, name="oioioi-admin-status", tune=_tune)[0]
+    except ConnectionClosed as e:
+        # Only host and port of each node, never the URL's credentials.
+        log.warning("Operator panel: the broker is unreachable (%s).", e)
         return BrokerStatus(error=_describe(e))
     try:
         queues = []
@@ -118,6 +117,8 @@ def broker_status(settings: Settings) -> BrokerStatus:
 def _describe(error: BaseException) -> str:
     if isinstance(error, AMQPConnectorStackTimeout):
         return f"no answer from the broker within {_parameters_timeout():.0f} s"
+    if isinstance(error, ConnectionClosed):
+        return redact_text(str(error))[:300]
     text = redact_text(str(error).strip()) or type(error).__name__
     return f"{type(error).__name__}: {text}"[:300]
 

@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 
 from django import template
 from django.contrib.admin.utils import quote
+from django.core.exceptions import ImproperlyConfigured
 from django.utils import timezone
 
 from oioioi.workers import admin_helpers, status
@@ -43,7 +44,10 @@ def workers_status_panel(context: template.Context) -> dict[str, Any]:
     if user is None or not user.has_perm(VIEW_PERMISSION):
         return {"show": False}
     now = timezone.now()
-    broker = status.broker_status(consumer_settings())
+    try:
+        broker = status.broker_status(consumer_settings())
+    except ImproperlyConfigured as e:
+        broker = status.BrokerStatus(error=f"the broker settings are not valid: {e}")
     jobs = status.jobs_status(now)
     oldest = jobs.oldest_waiting
     jobs_url = site_admin_url("evalmgr_queuedjob_changelist")

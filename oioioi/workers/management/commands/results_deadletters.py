@@ -18,7 +18,7 @@ from consumer import deadletters
 from consumer.config import Settings
 from consumer.errors import ConsumerError
 from consumer.redact import redact_text
-from oioioi.workers.conf import consumer_settings
+from oioioi.workers.conf import command_settings
 from oioioi.workers.logging import route_library_logs
 
 #: Seconds between two progress lines of a long operation.
@@ -83,7 +83,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         route_library_logs()
-        settings = consumer_settings()
+        settings = command_settings()
         handler: Callable[[Settings, dict[str, Any]], None] = getattr(self, f"_{options['action']}")
         try:
             handler(settings, options)

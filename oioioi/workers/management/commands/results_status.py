@@ -25,7 +25,7 @@ from consumer.errors import ConsumerError
 from consumer.redact import redact_text, redact_url
 from oioioi.evalmgr.models import QueuedJob
 from oioioi.workers.claims import MAX_ATTEMPTS, RELAY_PREFIX
-from oioioi.workers.conf import consumer_settings
+from oioioi.workers.conf import command_settings
 from oioioi.workers.logging import route_library_logs
 from oioioi.workers.models import PendingRun
 from oioioi.workers.status import BrokerStatus, broker_status
@@ -57,7 +57,7 @@ class Command(BaseCommand):
         # connection, a warning per missing queue) would only bury that on the terminal.
         for name in ("pika", "oioioi.workers.status"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-        settings = consumer_settings()
+        settings = command_settings()
         broker = broker_status(settings)
         status = {
             "broker": _broker(settings, broker),

@@ -16,7 +16,7 @@ from consumer import shim
 from consumer.consumer import ResultsConsumer
 from consumer.shim import ShimConfig
 from oioioi.workers import observability, receive
-from oioioi.workers.conf import consumer_settings, setting
+from oioioi.workers.conf import command_settings, setting
 from oioioi.workers.dispatch import get_dispatcher
 from oioioi.workers.logging import route_library_logs
 
@@ -61,7 +61,7 @@ class Command(BaseCommand):
         if options.get("http_shim"):
             self._run_shim(options)
             return
-        settings = consumer_settings(
+        settings = command_settings(
             batch_size=options.get("batch_size"), prefetch=options.get("prefetch")
         )
         self._check_migrations()
@@ -86,6 +86,7 @@ class Command(BaseCommand):
                 threads=setting("SHIM_THREADS"),
                 read_timeout=setting("SHIM_READ_TIMEOUT"),
                 auth_token=setting("SHIM_AUTH_TOKEN"),
+                publish_timeout=setting("SHIM_PUBLISH_TIMEOUT"),
             )
         except ValueError as e:
             raise CommandError(f"Invalid SHIM_* setting: {e}") from e
@@ -104,7 +105,7 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        settings = consumer_settings()
+        settings = command_settings()
         metrics = observability.start(options.get("metrics_port"), watch_broker=settings)
         try:
             shim.serve(
