@@ -60,6 +60,8 @@ class RabbitNode:
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
         #: Appended to the node's rabbitmq.conf (TLS listeners, load_definitions, ...).
         self.extra_config = ""
+        #: Plugins to enable (``rabbitmq_prometheus``, ...).
+        self.plugins: list[str] = []
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -84,7 +86,7 @@ class RabbitNode:
             "loopback_users.guest = true\n"
             "log.console = false\n" + self.extra_config
         )
-        (self.base / "enabled_plugins").write_text("[].\n")
+        (self.base / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         if os.geteuid() == 0:
             subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(self.base)], check=True)
         subprocess.run(
