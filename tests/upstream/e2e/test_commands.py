@@ -125,9 +125,12 @@ def test_operator_commands_see_and_settle_what_is_there(
 ):
     # Given a dead letter (a body that is not JSON) and a resumed job whose run nobody has
     # handed to Celery (its consumer died before the relay)
-    start_consumer()
+    consumer = start_consumer()
     broker.publish_raw(b"not json", message_id="poison-1")
     broker.wait_depth(run_settings.dead_letter_queue, 1)
+    # Stopped, as its consumer died: a running one would find the run on its next sweep
+    # (every few seconds) and relay it before run_pending_jobs does.
+    assert consumer.stop() == 0
     worker = start_worker()
     env = park_job()
     result = sioworkersd_result(sent_group(env["job_id"]))

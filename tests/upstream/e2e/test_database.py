@@ -32,6 +32,7 @@ def test_a_read_only_database_holds_the_results_until_it_takes_writes_again(
     import psycopg2  # noqa: F401  (upstream's driver is the one under test)
 
     assert connection.vendor == "postgresql"
+    connection.ensure_connection()  # an earlier test may have closed it
     assert type(connection.connection).__module__.startswith("psycopg2")
     # Given three parked jobs, and no Celery worker while the database is away
     worker = start_worker()
