@@ -13,8 +13,10 @@ messages), and clients POST some more to the shim as sioworkersd would:
 4. then two nodes at once, for a few seconds: the queues have no majority, publishes get no
    confirm.
 
-After each kill the test waits for a result published after it to be committed, and for the node to
-be back with every queue's three members online. It prints, for each kill, the time to the first
+After each kill of one node, and before starting it again, the test waits until every client that
+node had works on another one: its consumers consume there, its publishers have a message confirmed
+there, the shim answers 200 again, and a result published after the kill has been committed. Then
+it waits for the node to be back with every queue's three members online. It prints, for each kill, the time to the first
 commit after it, to the first commit of a result published after it, and the longest pause in
 commits until the node was back.
 
@@ -48,6 +50,7 @@ import pytest
 from django.db import connection
 from django.db.models import Count
 
+from consumer.brokers import node_name
 from consumer.config import Settings
 from consumer.errors import PublishError, TransportError
 from consumer.publish import Publisher
@@ -75,8 +78,8 @@ NO_QUORUM_SECONDS = 5.0
 #: The shim's own deadline here: short of the time without a majority, so that some requests
 #: meet it; a 503 must come within it (and a margin), never anywhere near 15 s.
 SHIM_PUBLISH_TIMEOUT = 4.0
-#: Seconds allowed, after a kill, for a result published after it to be committed.
-RECOVERY_TIMEOUT = 120.0
+#: Seconds allowed, after a kill, for the clients to work again (on another node, for one kill).
+RECOVERY_TIMEOUT = 60.0
 
 
 def malformed(i: int) -> bytes:
@@ -95,6 +98,8 @@ class Kill:
     what: str
     at: float
     back_at: float = 0.0
+    #: When every client of the killed node worked on another (single kills).
+    failed_over_at: float = 0.0
     #: For two nodes down together: when both were started again (the majority returns).
     quorum_at: float = 0.0
 
@@ -109,9 +114,11 @@ class Traffic:
     publisher_failures: list[str] = field(default_factory=list)
     #: (started, seconds, status) of every shim request.
     requests: list[tuple[float, float, int]] = field(default_factory=list)
+    #: Publisher thread -> (when, broker node) of its last confirmed publish.
+    last_confirm: dict[str, tuple[float, str | None]] = field(default_factory=dict)
     errors: list[BaseException] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    #: Set while the nodes are being killed: the senders keep to RATE until it is cleared.
+    #: Set while the nodes are being killed: the senders keep to their pace until it is cleared.
     paced: threading.Event = field(default_factory=threading.Event)
 
 
@@ -144,6 +151,10 @@ def publish_all(
                         traffic.publisher_failures.append(f"{message_id}: {e}")
                 with traffic.lock:
                     traffic.confirmed.add(message_id)
+                    traffic.last_confirm[threading.current_thread().name] = (
+                        time.time(),
+                        publisher.node,
+                    )
                 if traffic.paced.is_set():
                     time.sleep(interval)
     except BaseException as e:
@@ -298,6 +309,49 @@ def test_cluster_loses_nodes_and_nothing_is_lost_or_applied_twice(
         for proc in (*consumers, shim):
             assert proc.alive(), f"a process died:\n{proc.log[-5000:]}"
 
+    def clients_of(node: RabbitNode) -> tuple[list[ConsumerProcess], list[str]]:
+        """The consumers and the publisher threads connected to a node, last they said."""
+        with traffic.lock:
+            publishers = [
+                name for name, (_, on) in traffic.last_confirm.items() if on == node_name(node.url)
+            ]
+        return [c for c in consumers if consumer_node(cluster, c) is node], publishers
+
+    def failed_over(kill: Kill, node: RabbitNode, clients: tuple[list[Any], list[str]]) -> None:
+        """Until, with the node still down, every client it had works on another node: each of its
+        consumers consumes elsewhere, each of its publishers had a publish confirmed elsewhere,
+        the shim answered 200 to a request made after the kill, and a result published after
+        the kill has been committed."""
+        consumers_there, publishers_there = clients
+        deadline = time.monotonic() + RECOVERY_TIMEOUT
+        while True:
+            alive()
+            waiting = [
+                f"consumer {consumers.index(c)}"
+                for c in consumers_there
+                if consumer_node(cluster, c) is node
+            ]
+            with traffic.lock:
+                waiting += [
+                    f"publisher {name}"
+                    for name in publishers_there
+                    if not (
+                        traffic.last_confirm[name][0] > kill.at
+                        and traffic.last_confirm[name][1] != node_name(node.url)
+                    )
+                ]
+                if not any(b > kill.at and st == 200 for b, _, st in traffic.requests):
+                    waiting.append("the shim")
+                later = {j for j, t in traffic.started.items() if t > kill.at}
+            if not any(job_id in later for job_id, _ in commits_since(kill.at)):
+                waiting.append("a commit")
+            if not waiting:
+                kill.failed_over_at = time.time()
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"after {kill.what}, still waiting for {waiting}", pytrace=False)
+            time.sleep(0.2)
+
     def recovered(kill: Kill) -> None:
         """Until a result published after the kill has been committed."""
         deadline = time.monotonic() + RECOVERY_TIMEOUT
@@ -324,9 +378,10 @@ def test_cluster_loses_nodes_and_nothing_is_lost_or_applied_twice(
         time.sleep(0.2)
 
     leader = cluster.leader(settings.queue)
+    clients = clients_of(leader)
     leader.kill()
     kills.append(Kill(f"the leader of the results queue ({leader.name})", time.time()))
-    recovered(kills[-1])
+    failed_over(kills[-1], leader, clients)
     restart(leader)
     kills[-1].back_at = time.time()
 
@@ -336,16 +391,18 @@ def test_cluster_loses_nodes_and_nothing_is_lost_or_applied_twice(
         (n for c in consumers if (n := consumer_node(cluster, c)) is not leader),
         consumer_node(cluster, consumers[0]),
     )
+    clients = clients_of(node)
     node.kill()
     kills.append(Kill(f"a consumer's node ({node.name})", time.time()))
-    recovered(kills[-1])
+    failed_over(kills[-1], node, clients)
     restart(node)
     kills[-1].back_at = time.time()
 
     node = shim_node(cluster)
+    clients = clients_of(node)
     node.kill()
     kills.append(Kill(f"the shim's node ({node.name})", time.time()))
-    recovered(kills[-1])
+    failed_over(kills[-1], node, clients)
     restart(node)
     kills[-1].back_at = time.time()
 
@@ -454,6 +511,12 @@ def test_cluster_loses_nodes_and_nothing_is_lost_or_applied_twice(
             + (
                 f" (the majority back {kill.quorum_at - kill.at:.1f} s after the kill)"
                 if kill.quorum_at
+                else ""
+            )
+            + (
+                f"; every client of the node working on another after "
+                f"{kill.failed_over_at - kill.at:.1f} s"
+                if kill.failed_over_at
                 else ""
             )
             + f"; node back, all members online, after {kill.back_at - kill.at:.0f} s"
