@@ -32,6 +32,7 @@ import pika.exceptions
 import pytest
 from django.db.models import Count
 
+from consumer.errors import TransportError
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers.models import PendingRun, ReceivedResult
 from tests.conftest import BrokerClient, ConsumerProcess, make_settings, result_for
@@ -119,8 +120,8 @@ class Publisher(threading.Thread):
                         s.exchange, s.routing_key, message.body, props, mandatory=True
                     )
                     break
-                except (pika.exceptions.AMQPError, OSError):
-                    # Unconfirmed: publish again (a resend is what a worker would do too).
+                except (pika.exceptions.AMQPError, TransportError, OSError):
+                    # Unconfirmed (or the node refused the connection while it restarts): publish again (a resend is what a worker would do too).
                     self.numbers.publish_retries += 1
                     conn = None
                     time.sleep(0.5)
