@@ -86,6 +86,17 @@ class Broker:
             )
         self.wait_depth(before + expected, timeout=300)
 
+    def publish_all(self, messages: Iterable[tuple[str, bytes]]) -> None:
+        """Publish with confirms, without waiting for the queue (a consumer may be taking them)."""
+        for message_id, body in messages:
+            self._confirmed.basic_publish(
+                self.settings.exchange,
+                self.settings.routing_key,
+                body,
+                self._props(message_id),
+                mandatory=True,
+            )
+
     def paced(
         self, messages: Sequence[tuple[str, bytes]], rate: float
     ) -> tuple[dict[str, float], float]:

@@ -38,7 +38,7 @@ import pika  # noqa: E402
 from bench.stats import median  # noqa: E402
 from bench.suite import Plan  # noqa: E402
 
-SECTIONS = ["legacy", "shim", "drain", "handoff", "e2e", "memory"]
+SECTIONS = ["legacy", "shim", "drain", "handoff", "e2e", "memory", "memory-large"]
 SIZES = ["small", "typical", "large"]
 
 #: How much each run measures. ``memory_count``, ``memory_seconds`` and ``timeout`` are per
@@ -54,6 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_steps": 5,
         "memory_count": {"postgres": 20_000, "sqlite": 10_000},
         "memory_seconds": {"postgres": 180, "sqlite": 120},
+        "memory_large_count": 60,
         "timeout": {"postgres": 900, "sqlite": 900},
     },
     "full": {
@@ -65,6 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_steps": 6,
         "memory_count": {"postgres": 100_000, "sqlite": 100_000},
         "memory_seconds": {"postgres": 900, "sqlite": 600},
+        "memory_large_count": 200,
         "timeout": {"postgres": 1800, "sqlite": 1500},
     },
 }
@@ -305,6 +307,21 @@ def tables(all_results: list[dict[str, Any]]) -> str:
             f"| {_db_label(r)} | {messages} | {mem['hwm_first_kib'] / 1024:.1f} MiB "
             f"(at {mem['first_at']:,}) | {mem['hwm_end_kib'] / 1024:.1f} MiB "
             f"| {100 * mem['growth']:+.1f}% |"
+        )
+    out.append("")
+    out.append("Memory: the consumer's peak resident set while it drains large environs, against")
+    out.append("its size at rest (started on an empty queue, then sent the results at once).")
+    out.append("")
+    out.append("| database | messages | at rest | peak | growth | 2x RESULTS_BATCH_BYTES |")
+    out.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in all_results:
+        mem = r.get("memory_large")
+        if not mem:
+            continue
+        out.append(
+            f"| {_db_label(r)} | {mem['messages']:,} | {mem['idle_kib'] / 1024:.1f} MiB "
+            f"| {mem['hwm_kib'] / 1024:.1f} MiB | {mem['growth_kib'] / 1024:+.1f} MiB "
+            f"| {2 * mem['batch_bytes'] / 2**20:.0f} MiB |"
         )
     return "\n".join(out)
 

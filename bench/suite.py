@@ -51,6 +51,8 @@ class Plan:
     memory_count: int
     #: Longest the long drain may take, in seconds.
     memory_seconds: float
+    #: Large environs in the drain that measures the consumer's peak memory.
+    memory_large_count: int
     amqp_url: str
     log_dir: str
     database_url: str
@@ -68,6 +70,7 @@ class Results:
     e2e: list[dict[str, Any]] = field(default_factory=list)
     max_rate: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
+    memory_large: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
@@ -80,7 +83,8 @@ class Suite:
         self.broker = Broker(self.settings)
         self.log_dir = Path(plan.log_dir)
         self.results = Results(db=connection.vendor)
-        self.templates = {size: environs.template(size) for size in plan.sizes}
+        sizes = set(plan.sizes) | ({"large"} if "memory-large" in plan.sections else set())
+        self.templates = {size: environs.template(size) for size in sizes}
         self.results.body_bytes = {
             size: len(t.body("urn:uuid:" + "0" * 32, 1, 1)[1]) for size, t in self.templates.items()
         }
@@ -100,6 +104,7 @@ class Suite:
             "handoff": self.handoff,
             "e2e": self.e2e,
             "memory": self.memory,
+            "memory-large": self.memory_large,
         }
         try:
             for name in self.plan.sections:
@@ -415,6 +420,45 @@ class Suite:
             "samples": samples[:: max(1, len(samples) // 50)],
         }
         log.info("   memory: %s", _brief(self.results.memory))
+
+
+    def memory_large(self) -> None:
+        """The consumer's peak memory against its size at rest, while it drains large environs.
+
+        It starts on an empty queue (its size at rest is read then), and the results arrive as
+        fast as the broker takes them, so that it holds as many as its prefetch lets it.
+        """
+        from bench.jobs import clear_tables
+        from oioioi.workers.conf import consumer_settings
+
+        n = self.plan.memory_large_count
+        clear_tables()
+        self.broker.purge()
+        messages = self._messages("large", n)
+        proc, tail = self._start_consumer()
+        try:
+            time.sleep(2.0)  # its first sweep and the connection settle
+            idle = 0
+            for _ in range(5):
+                idle = max(idle, proc.rss()[0])
+                time.sleep(0.1)
+            self.broker.publish_all(messages)
+            tail.wait(n, proc, timeout=max(120.0, n / 5))
+            self._check_settled(n, proc, timeout=300)
+            rss, hwm = proc.rss()
+        finally:
+            proc.stop()
+        budget = consumer_settings().batch_bytes
+        self.results.memory_large = {
+            "messages": n,
+            "body_bytes": self.results.body_bytes["large"],
+            "idle_kib": idle,
+            "hwm_kib": hwm,
+            "rss_end_kib": rss,
+            "batch_bytes": budget,
+            "growth_kib": hwm - idle,
+        }
+        log.info("   memory (large): %s", _brief(self.results.memory_large))
 
 
 def _brief(summary: dict[str, Any]) -> str:

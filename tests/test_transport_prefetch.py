@@ -93,3 +93,60 @@ def test_a_batch_is_cut_at_its_byte_limit_but_never_empty(amqp_url):
                 transport.ack(batch[-1], multiple=True)
     # Then each batch stays within 250 kB, except the message larger than that, which is alone
     assert sizes == [[1], [100_000, 100_000], [100_000, 100_000], [100_000], [300_000]]
+
+
+def _publish_bodies(settings, bodies: list[bytes]) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        for body in bodies:
+            channel.basic_publish(settings.exchange, settings.routing_key, body)
+    finally:
+        conn.close()
+
+
+def _drain(transport: Transport, count: int) -> list[list[int]]:
+    """Batch sizes (in messages) as the consumer takes them, letting the broker push ahead
+    everything it may first; every delivery must be a first one."""
+    batches: list[list[int]] = []
+    deadline = time.monotonic() + 30
+    while sum(len(b) for b in batches) < count:
+        assert time.monotonic() < deadline, f"received {batches}"
+        time.sleep(0.1)
+        batch = transport.receive(16, 0.2)
+        if batch:
+            assert not any(d.redelivered for d in batch)
+            batches.append([len(d.body) for d in batch])
+            transport.ack(batch[-1], multiple=True)
+    return batches
+
+
+def test_large_bodies_get_a_prefetch_that_keeps_them_within_a_batchs_bytes(amqp_url):
+    # Given results of 100 kB and room for 300 kB of bodies (a prefetch of 16 would hold 1.6 MB)
+    settings = make_settings(amqp_url, prefetch=16, batch_size=16, batch_bytes=300_000)
+    with Transport(settings) as transport:
+        _publish_bodies(settings, [b"x" * 100_000] * 20)
+        batches = _drain(transport, 20)
+    # Then after the first alone, the broker never sends more than three at a time
+    assert batches[0] == [100_000]
+    assert max(len(b) for b in batches[1:]) == 3
+    assert sum(len(b) for b in batches) == 20
+
+
+def test_the_prefetch_comes_down_when_the_bodies_grow_with_nothing_requeued(amqp_url):
+    # Given small results, then many of 100 kB, with room for 300 kB of bodies
+    settings = make_settings(amqp_url, prefetch=16, batch_size=16, batch_bytes=300_000)
+    with Transport(settings) as transport:
+        _publish_bodies(settings, [b"s"] * 2 + [b"x" * 100_000] * 60)
+        batches = _drain(transport, 62)
+    # Then the consumer, which took sixteen at a time, takes three at a time once it may change
+    # its prefetch without a delivery on its way (every delivery above was a first one)
+    assert max(len(b) for b in batches) == 16
+    assert all(len(b) <= 3 for b in batches[-5:])
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        depth = conn.channel().queue_declare(settings.queue, passive=True).method.message_count
+    finally:
+        conn.close()
+    assert depth == 0
