@@ -163,12 +163,18 @@ class ResultsConsumer:
             )
             if deliveries:
                 self.observer.received(len(deliveries))
-                self._handle(transport, deliveries)
+                wrote = self._handle(transport, deliveries)
+                # The batch is settled: its bodies go before the recipes run, which may hold
+                # the environs they resumed (large results: a batch's bytes again).
+                del deliveries
+                if wrote:
+                    self._on_db(transport, self._after_ack)
             # Not only when idle: under steady load a consumer is never idle, and runs a dead
             # peer left behind would wait for the load to drop.
             self._sweep_if_due(transport)
 
-    def _handle(self, transport: Transport, deliveries: list[Delivery]) -> None:
+    def _handle(self, transport: Transport, deliveries: list[Delivery]) -> bool:
+        """Decode, write, then ack the batch; returns whether anything was written."""
         fresh: list[tuple[Delivery, Result]] = []
         suspects: list[tuple[Delivery, Result]] = []
         for delivery in deliveries:
@@ -193,8 +199,7 @@ class ResultsConsumer:
         # Every delivery of the batch has a durable outcome now (committed, or its copy
         # confirmed by the broker), and tags only grow on a channel: one ack settles them all.
         transport.ack(deliveries[-1], multiple=True)
-        if fresh or suspects:
-            self._on_db(transport, self._after_ack)
+        return bool(fresh or suspects)
 
     # --- write -----------------------------------------------------------------------------
 

@@ -373,11 +373,16 @@ class Transport:
         return batch
 
     def _prefetch_for(self, batch: list[Delivery]) -> int:
-        """``settings.prefetch``, or fewer: as many bodies as the batch's largest as fit in
-        ``settings.batch_bytes``, so that what the consumer holds, in hand and on the way, stays
-        within about one batch's bytes whatever the size of the results."""
+        """``settings.prefetch``, or fewer: as many bodies as the batch's largest as fit in half
+        of ``settings.batch_bytes``.
+
+        What the consumer holds of a result outlives its message: the resumed environ's text,
+        about as large, waits in memory until its recipe has run, while the broker sends the
+        next messages. Bodies in hand and on their way within half the budget keep the two
+        together within about one batch's bytes, whatever the size of the results.
+        """
         largest = max(len(d.body) for d in batch)
-        fit = max(1, self.settings.batch_bytes // max(1, largest))
+        fit = max(1, self.settings.batch_bytes // 2 // max(1, largest))
         wanted = min(self.settings.prefetch, fit)
         # Not for every batch a little larger or smaller than the last: halving or doubling.
         if wanted < self._prefetch or wanted >= 2 * self._prefetch:

@@ -123,8 +123,9 @@ def _drain(transport: Transport, count: int) -> list[list[int]]:
 
 
 def test_large_bodies_get_a_prefetch_that_keeps_them_within_a_batchs_bytes(amqp_url):
-    # Given results of 100 kB and room for 300 kB of bodies (a prefetch of 16 would hold 1.6 MB)
-    settings = make_settings(amqp_url, prefetch=16, batch_size=16, batch_bytes=300_000)
+    # Given results of 100 kB and a batch of 600 kB: room for 300 kB of bodies in hand and on
+    # their way (a prefetch of 16 would hold 1.6 MB)
+    settings = make_settings(amqp_url, prefetch=16, batch_size=16, batch_bytes=600_000)
     with Transport(settings) as transport:
         _publish_bodies(settings, [b"x" * 100_000] * 20)
         batches = _drain(transport, 20)
@@ -136,7 +137,7 @@ def test_large_bodies_get_a_prefetch_that_keeps_them_within_a_batchs_bytes(amqp_
 
 def test_the_prefetch_comes_down_when_the_bodies_grow_with_nothing_requeued(amqp_url):
     # Given small results, then many of 100 kB, with room for 300 kB of bodies
-    settings = make_settings(amqp_url, prefetch=16, batch_size=16, batch_bytes=300_000)
+    settings = make_settings(amqp_url, prefetch=16, batch_size=16, batch_bytes=600_000)
     with Transport(settings) as transport:
         _publish_bodies(settings, [b"s"] * 2 + [b"x" * 100_000] * 60)
         batches = _drain(transport, 62)

@@ -396,41 +396,41 @@ def copy_rows(
         f"COPY {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
         "FROM STDIN"
     )
-    chunks: list[bytes] = []
-    for row in rows:
-        values = [
-            value if isinstance(value, bytes) else p(value)
-            for p, value in zip(prepare, row, strict=True)
-        ]
-        chunks.append(b"\t".join(_copy_value(v) for v in values))
-        chunks.append(b"\n")
+
+    def lines() -> Iterator[bytes]:
+        # One row's line at a time: the rows' escaped copy never exists whole (a batch of
+        # large environs is megabytes).
+        for row in rows:
+            values = [
+                value if isinstance(value, bytes) else p(value)
+                for p, value in zip(prepare, row, strict=True)
+            ]
+            yield b"\t".join(_copy_value(v) for v in values) + b"\n"
+
     with db.cursor() as cursor:
         raw = cursor.cursor
         if hasattr(raw, "copy"):  # psycopg 3
             with raw.copy(sql) as copy:
-                for chunk in chunks:
-                    copy.write(chunk)
+                for line in lines():
+                    copy.write(line)
         else:  # psycopg2
-            raw.copy_expert(sql, _Chunks(chunks), size=1 << 20)
+            raw.copy_expert(sql, _Lines(lines()), size=1 << 20)
 
 
-class _Chunks:
-    """A file psycopg2's ``copy_expert`` reads from: the chunks, in reads of any size."""
+class _Lines:
+    """A file psycopg2's ``copy_expert`` reads from: the lines, in reads of about ``size``."""
 
-    def __init__(self, chunks: list[bytes]) -> None:
-        self._chunks = chunks
-        self._next = 0
+    def __init__(self, lines: Iterator[bytes]) -> None:
+        self._lines = lines
 
     def read(self, size: int = -1) -> bytes:
-        if self._next >= len(self._chunks):
-            return b""
-        out = [self._chunks[self._next]]
-        got = len(out[0])
-        self._next += 1
-        while self._next < len(self._chunks) and (size < 0 or got < size):
-            out.append(self._chunks[self._next])
-            got += len(out[-1])
-            self._next += 1
+        out: list[bytes] = []
+        got = 0
+        for line in self._lines:
+            out.append(line)
+            got += len(line)
+            if 0 <= size <= got:
+                break
         return b"".join(out)
 
     def readline(self, size: int = -1) -> bytes:
