@@ -43,11 +43,11 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from consumer import topology
+from consumer import diagnose, topology
 from consumer.config import Settings
 from consumer.errors import ConnectionClosed, ConsumerError, PublishError
 from consumer.policy import DEAD_LETTER_ID, PREFIX, REASON
-from consumer.transport import CONNECTION_ERRORS, connect
+from consumer.transport import CONNECTION_ERRORS, connect, within
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,18 @@ Progress = Callable[[int, int], None]
 class TopologyMissing(ConsumerError):
     """Raised when the dead-letter queue or the results exchange does not exist on the broker."""
 
+    failure_kind = diagnose.MISSING
+
 
 class BrokerRefused(ConsumerError):
     """Raised when the broker closed the channel on us (no permission, a queue deleted meanwhile)."""
+
+    #: The broker's reply code (403: access refused), when it gave one.
+    reply_code: int | None = None
+
+    @property
+    def failure_kind(self) -> str:
+        return diagnose.ACCESS_REFUSED if self.reply_code == 403 else diagnose.REFUSED
 
 
 class TopologyMismatch(ConsumerError):
@@ -110,6 +119,13 @@ class DeadLetter:
     body: bytes
     content_type: str | None
     timestamp: int | None
+    #: The AMQP properties, JSON-serialisable (:func:`properties_dict`): what a replay sends again.
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def replays(self) -> int:
+        """How many times an operator has replayed it before (``x-oioioi-replays``)."""
+        return _int(self.headers.get(REPLAYS)) or 0
 
     def age_seconds(self, now: float | None = None) -> float | None:
         """Seconds since it failed (or, lacking that, since it was published)."""
@@ -261,7 +277,43 @@ def from_message(properties: pika.BasicProperties | None, body: bytes) -> DeadLe
         body=body,
         content_type=_text(props.content_type),
         timestamp=timestamp,
+        properties=properties_dict(props),
     )
+
+
+#: The AMQP properties kept with an archived dead letter, in ``pika.BasicProperties``' names.
+_PROPERTY_NAMES = (
+    "content_type",
+    "content_encoding",
+    "headers",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "message_id",
+    "timestamp",
+    "type",
+    "user_id",
+    "app_id",
+    "cluster_id",
+)
+
+
+def properties_dict(properties: pika.BasicProperties | None) -> dict[str, Any]:
+    """A message's properties as JSON-serialisable values (header values as :func:`jsonable`)."""
+    props = properties or pika.BasicProperties()
+    out: dict[str, Any] = {}
+    for name in _PROPERTY_NAMES:
+        value = getattr(props, name, None)
+        if value is not None:
+            out[name] = jsonable(value)
+    return out
+
+
+def properties_from_dict(values: dict[str, Any]) -> pika.BasicProperties:
+    """The inverse of :func:`properties_dict` (header values keep their JSON types)."""
+    return pika.BasicProperties(**{k: v for k, v in values.items() if k in _PROPERTY_NAMES})
 
 
 def replay_properties(properties: pika.BasicProperties | None) -> pika.BasicProperties:
@@ -304,7 +356,9 @@ def _wrapped(what: str) -> Iterator[None]:
     except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
         raise PublishError(f"{what}: the broker did not accept the message: {e!r}") from None
     except pika.exceptions.ChannelClosedByBroker as e:
-        raise BrokerRefused(f"{what}: the broker refused ({e.reply_code} {e.reply_text})") from None
+        refused = BrokerRefused(f"{what}: the broker refused ({e.reply_code} {e.reply_text})")
+        refused.reply_code = e.reply_code
+        raise refused from None
     except CONNECTION_ERRORS as e:
         raise ConnectionClosed(f"{what}: broker connection lost: {e!r}") from None
 
@@ -662,3 +716,185 @@ def purge(settings: Settings) -> int:
         dlq.close()
     log.warning("Dead-letter queue %r purged: %d message(s) removed.", dlq.queue, purged)
     return purged
+
+
+# --- moving dead letters into an archive, and sending archived ones back ---------------------------
+
+#: Stores dead letters durably; returns only once they are committed (raises if they are not).
+ArchiveStore = Callable[[list[DeadLetter]], None]
+
+Tune = Callable[[pika.URLParameters], None]
+
+
+def archive(
+    settings: Settings,
+    store: ArchiveStore,
+    *,
+    limit: int | None = None,
+    batch: int = 500,
+    tune: Tune | None = None,
+    timeout: float | None = None,
+) -> int:
+    """Move dead letters from the queue into ``store``: each batch is committed, then acked.
+
+    Taken from the queue's head, up to ``batch`` at a time, at most ``limit`` in all (the whole
+    queue by default). A batch is acked, with one ``multiple`` ack, only after ``store`` has
+    returned; if ``store`` raises, or the process dies first, the connection closes and the
+    broker puts the batch back, so a dead letter is always in the queue, in the store, or (after
+    a crash between commit and ack, or an ack the broker lost) in both, in which case the store
+    must ignore the second copy (same :attr:`DeadLetter.id`), even after the first was replayed. ``timeout`` bounds each broker call. Returns how many moved.
+    """
+    if limit is not None and limit <= 0:
+        return 0
+    connection = connect(settings, name="oioioi-deadletter-archiver", tune=tune)[0]
+    moved = 0
+    try:
+        with _wrapped("archiving the dead-letter queue"):
+            with within(connection, timeout):
+                channel = connection.channel()
+                try:
+                    channel.queue_declare(settings.dead_letter_queue, passive=True)
+                except pika.exceptions.ChannelClosedByBroker as e:
+                    if e.reply_code == 404:
+                        raise TopologyMissing(
+                            f"the dead-letter queue {settings.dead_letter_queue!r} does not exist "
+                            "on the broker"
+                        ) from None
+                    raise
+            pending: list[DeadLetter] = []
+            last_tag = 0
+            while True:
+                # Each ack is followed by a get: the broker has applied an ack once it answers a
+                # later get on the same channel. A quorum queue (RabbitMQ 3.10, measured) hands
+                # out again messages whose ack was still on its way when the connection closed.
+                full = limit is not None and moved + len(pending) >= limit
+                if len(pending) >= batch or full:
+                    store(pending)
+                    with within(connection, timeout):
+                        channel.basic_ack(last_tag, multiple=True)
+                    moved += len(pending)
+                    pending = []
+                    if full:
+                        # The get that settles the ack; a message it takes goes back when the
+                        # connection closes (and is archived next time).
+                        with within(connection, timeout):
+                            channel.basic_get(settings.dead_letter_queue, auto_ack=False)
+                        break
+                with within(connection, timeout):
+                    method, properties, body = channel.basic_get(
+                        settings.dead_letter_queue, auto_ack=False
+                    )
+                if method is None:
+                    if pending:
+                        store(pending)
+                        with within(connection, timeout):
+                            channel.basic_ack(last_tag, multiple=True)
+                        moved += len(pending)
+                        pending = []
+                        continue  # the get that settles the ack
+                    break
+                pending.append(from_message(properties, body))
+                last_tag = method.delivery_tag
+    finally:
+        try:
+            if connection.is_open:
+                connection.close()
+        except Exception:
+            log.debug("Error while closing the archiver's connection.", exc_info=True)
+    if moved:
+        log.info(
+            "Archived %d dead letter(s) from %r.",
+            moved,
+            settings.dead_letter_queue,
+            extra={"outcome": "archived", "count": moved},
+        )
+    return moved
+
+
+class Republisher:
+    """Sends dead letters kept elsewhere (an archive) back to the results exchange, confirmed.
+
+    One connection, opened with ``tune`` (shorter timeouts); every broker call is bounded by
+    ``timeout``. Use as a context manager.
+    """
+
+    def __init__(
+        self, settings: Settings, *, tune: Tune | None = None, timeout: float | None = None
+    ) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self._connection = connect(settings, name="oioioi-deadletter-replay", tune=tune)[0]
+        try:
+            with _wrapped("checking the results exchange"), within(self._connection, timeout):
+                probe = self._connection.channel()
+                try:
+                    probe.exchange_declare(settings.exchange, passive=True)
+                except pika.exceptions.ChannelClosedByBroker as e:
+                    if e.reply_code == 404:
+                        raise TopologyMissing(
+                            f"the results exchange {settings.exchange!r} does not exist"
+                        ) from None
+                    raise
+                self._channel = self._connection.channel()
+                self._channel.confirm_delivery()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Republisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def is_usable(self) -> bool:
+        return bool(self._connection.is_open and self._channel.is_open)
+
+    def replay(self, body: bytes, properties: dict[str, Any]) -> None:
+        """Publish one copy (see :func:`replay_properties`) and wait for the broker's confirm.
+
+        Raises :class:`PublishError` when the broker refuses it (unroutable, nacked: the
+        connection stays usable), :class:`ConnectionClosed` when the connection is lost or the
+        confirm does not come within ``timeout``.
+        """
+        with _wrapped("replaying"), within(self._connection, self.timeout):
+            self._channel.basic_publish(
+                self.settings.exchange,
+                self.settings.routing_key,
+                body,
+                replay_properties(properties_from_dict(properties)),
+                mandatory=True,
+            )
+
+    def close(self) -> None:
+        try:
+            if self._connection.is_open:
+                self._connection.close()
+        except Exception:
+            log.debug("Error while closing the replay connection.", exc_info=True)
+
+
+def queue_depth(
+    settings: Settings, *, tune: Tune | None = None, timeout: float | None = None
+) -> int:
+    """How many dead letters wait in the queue (ready ones), asked with bounded calls."""
+    connection = connect(settings, name="oioioi-deadletters", tune=tune)[0]
+    try:
+        with _wrapped("counting the dead-letter queue"), within(connection, timeout):
+            channel = connection.channel()
+            try:
+                ok = channel.queue_declare(settings.dead_letter_queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                if e.reply_code == 404:
+                    raise TopologyMissing(
+                        f"the dead-letter queue {settings.dead_letter_queue!r} does not exist "
+                        "on the broker"
+                    ) from None
+                raise
+            return int(ok.method.message_count)
+    finally:
+        try:
+            if connection.is_open:
+                connection.close()
+        except Exception:
+            log.debug("Error while closing the dead-letter connection.", exc_info=True)

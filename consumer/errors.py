@@ -51,6 +51,9 @@ class TransportError(ConsumerError):
 class ConnectionClosed(TransportError):
     """Raised when the connection to the broker was lost or could not be made."""
 
+    #: pika's errors behind it, one per broker node tried (empty when not known).
+    causes: tuple[BaseException, ...] = ()
+
 
 class ConsumerCancelled(TransportError):
     """Raised when the broker cancelled our consumer (queue deleted, node failover)."""

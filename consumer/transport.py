@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -172,6 +172,7 @@ def connect(
     params = connection_parameters(settings)
     deadline = None if timeout is None else time.monotonic() + timeout
     failures: list[str] = []
+    causes: list[BaseException] = []
     for index in nodes.order():
         node_params = params[index]
         node_params.client_properties = {"connection_name": name}
@@ -193,12 +194,16 @@ def connect(
                 reason = f"no answer within {node_params.stack_timeout:g} s"
             nodes.refused(index, reason)
             failures.append(f"{nodes.name(index)}: {reason}")
+            causes.append(e)
             continue
         nodes.answered(index)
         return connection, index
     if len(failures) == 1:
-        raise ConnectionClosed(f"cannot connect to broker node {failures[0]}")
-    raise ConnectionClosed("no broker node answered (" + "; ".join(failures) + ")")
+        error = ConnectionClosed(f"cannot connect to broker node {failures[0]}")
+    else:
+        error = ConnectionClosed("no broker node answered (" + "; ".join(failures) + ")")
+    error.causes = tuple(causes)
+    raise error
 
 
 #: How much pika reads from its socket at once (its own default is 4 KB), and at most per turn of
@@ -244,6 +249,11 @@ def _deadline(connection: BlockingConnection, seconds: float | None) -> Iterator
         yield
     finally:
         impl._adapter_remove_timeout(timer)
+
+
+def within(connection: BlockingConnection, seconds: float | None) -> AbstractContextManager[None]:
+    """Cut ``connection`` unless the block finishes within ``seconds`` (None: no bound)."""
+    return _deadline(connection, seconds)
 
 
 class Transport:

@@ -39,6 +39,15 @@ def chromium_path() -> str | None:
     return None
 
 
+#: Screenshots kept in the repository (the dead-letter pages at scale, for the README and review).
+KEPT_SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
+
+
+def kept_screenshot_path(name: str) -> Path:
+    KEPT_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return KEPT_SCREENSHOTS / f"{name}.png"
+
+
 def screenshot_path(name: str) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     return SCREENSHOTS / f"{name}.png"

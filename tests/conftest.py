@@ -232,6 +232,9 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         RESULTS_DB_PROBE_MAX=str(settings.db_probe_max),
         PYTHONUNBUFFERED="1",
         LOG_LEVEL="INFO",
+        # Most tests assert on the broker's dead-letter queue: its archiver is for those that
+        # ask for it (RESULTS_DEAD_LETTER_ARCHIVE="true").
+        RESULTS_DEAD_LETTER_ARCHIVE="false",
     )
     env.update(extra)
     return env

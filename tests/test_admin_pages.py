@@ -12,8 +12,9 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -22,11 +23,12 @@ from django.contrib.admin.utils import quote
 from django.contrib.auth.models import Permission, User
 from django.utils import timezone
 
+from consumer import topology
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
-from oioioi.workers.models import PendingRun, ReceivedResult
+from oioioi.workers.models import DeadLetter, PendingRun, ReceivedResult
 from tests import helpers
 from tests.broker import free_port
-from tests.browser import CHROMIUM_ARGS, chromium_path, screenshot_path
+from tests.browser import CHROMIUM_ARGS, chromium_path, kept_screenshot_path, screenshot_path
 from tests.conftest import result_for
 from tests.recipeapp.models import StepLog
 
@@ -145,7 +147,24 @@ def break_restore_function(job_id: str) -> str:
 
 
 def dead_letter_row(page: Any, text: str) -> Any:
-    return page.locator("tr.deadletter-row", has_text=text)
+    return page.locator("#result_list tbody tr", has_text=text)
+
+
+def run_action(page: Any, action: str) -> None:
+    """Run a dead-letter action on the rows ticked (Django's action bar), to its confirmation."""
+    page.select_option("select[name=action]", action)
+    follow(page, "button[name=index]")
+
+
+def replay_to_the_end(page: Any) -> str:
+    """Confirm a replay and wait for its progress page to finish; returns the summary."""
+    follow(page, "#confirm-yes")
+    page.wait_for_selector("body[data-replay-finished=yes]", timeout=60_000)
+    return page.inner_text("#replay-done")
+
+
+def archived(count: int) -> Callable[[], bool]:
+    return lambda: DeadLetter.objects.unsettled().count() == count
 
 
 # --- the dead-letter pages ----------------------------------------------------------------------
@@ -155,17 +174,19 @@ def test_operator_replays_one_dead_letter_and_discards_another(
     page, operator, admin_queues, broker, start_consumer, waiting_job
 ):
     # Given a result the consumer could not apply (the job's restore function is broken: a bug on
-    # our side) and a body that is not even JSON, both dead-lettered by the real consumer
+    # our side) and a body that is not even JSON, both dead-lettered by the real consumer, which
+    # moves its dead letters into the database (committed, then acked)
     sent = waiting_job(submission_id=4321)
     good_environ = break_restore_function(sent["job_id"])
-    start_consumer()
+    start_consumer(RESULTS_DEAD_LETTER_ARCHIVE="true")
     result = result_for(sent)
     broker.publish_env(result, message_id=result["group_id"])
     broker.publish_raw(
         b"\x80 not json", pika.BasicProperties(message_id="garbage-1", delivery_mode=2)
     )
     dlq = admin_queues.dead_letter_queue
-    broker.wait_depth(dlq, 2, timeout=60)
+    wait_until(archived(2), what="the consumer to archive both dead letters")
+    broker.wait_depth(dlq, 0, timeout=30)
 
     # When the operator logs in, the index shows the return path's status
     log_in(page, "operator")
@@ -176,14 +197,15 @@ def test_operator_replays_one_dead_letter_and_discards_another(
     assert sent["job_id"] in page.inner_text("#status-oldest")
     shoot(page, "admin-index")
 
-    # The dead-letter page lists both, with reasons, and reading it consumes nothing
+    # The dead-letter page lists both, with reasons and their counts; reading changes nothing
     follow(page, "#workers-status a:has-text('Dead letters')")
-    assert page.locator("tr.deadletter-row").count() == 2
+    assert page.locator("#result_list tbody tr").count() == 2
     failed_row = dead_letter_row(page, "failed")
     assert sent["job_id"][:20] in failed_row.inner_text()
     assert "undecodable" in dead_letter_row(page, "garbage-1").inner_text()
+    assert "failed (1)" in page.inner_text("#reason-filter")
     shoot(page, "deadletter-list")
-    assert broker.depth(dlq) == 2
+    assert DeadLetter.objects.unsettled().count() == 2
 
     # The status panel has a page of its own too (OIOIOI's index is not ours to change)
     follow(page, "#status-link")
@@ -191,27 +213,26 @@ def test_operator_replays_one_dead_letter_and_discards_another(
     shoot(page, "status")
     follow(page, "#workers-status a:has-text('Dead letters')")
 
-    # One message: why it failed, its headers and its body, pretty-printed
-    follow(page, failed_row.locator("th a"))
+    # One message: why it failed (the line that raised in view), its headers, its body
+    follow(page, dead_letter_row(page, "failed").locator("a").first)
     assert "no_such_function" in page.inner_text("#detail-traceback")
+    assert "Raised:" in page.inner_text("#detail-raised")
     assert "x-oioioi-reason" in page.inner_text("#detail-headers")
     body = page.inner_text("#detail-body")
     assert f'"job_id": "{sent["job_id"]}"' in body
     assert '\n  "' in body  # indented
     shoot(page, "deadletter-detail")
-    assert broker.depth(dlq) == 2
 
     # The bug is fixed; the operator replays the result, after a confirmation
     SavedEnviron.objects.filter(queued_job_id=sent["job_id"]).update(environ=good_environ)
     follow(page, "a:has-text('Dead letters')")
-    dead_letter_row(page, "failed").locator("input[name=ids]").check()
-    follow(page, "#replay-selected")
+    dead_letter_row(page, "failed").locator("input[name=_selected_action]").check()
+    run_action(page, "replay_selected")
     assert "Replay this message?" in page.inner_text("#confirm-question")
     assert page.locator("#confirm-list li").count() == 1
     shoot(page, "deadletter-confirm-replay")
-    assert broker.depth(dlq) == 2  # nothing happens before the confirmation
-    follow(page, "#confirm-yes")
-    assert "Replayed 1 message" in messages_text(page)
+    assert DeadLetter.objects.unsettled().count() == 2  # nothing happens before the confirmation
+    assert "Done: 1 of 1 replayed." in replay_to_the_end(page)
     shoot(page, "deadletter-after-replay")
 
     # Then the job resumes and its recipe runs to the end; only the garbage is left
@@ -223,30 +244,29 @@ def test_operator_replays_one_dead_letter_and_discards_another(
         what="the replayed result to resume the job",
     )
     assert ReceivedResult.objects.get(job_id=sent["job_id"]).outcome == "resumed"
-    assert broker.depth(dlq) == 1
-    page.reload()
-    assert page.locator("tr.deadletter-row").count() == 1
+    follow(page, "#replay-back")
+    assert page.locator("#result_list tbody tr").count() == 1
 
-    # Discarding the garbage empties the queue
-    dead_letter_row(page, "garbage-1").locator("input[name=ids]").check()
-    follow(page, "#discard-selected")
+    # Discarding the garbage empties the list
+    dead_letter_row(page, "garbage-1").locator("input[name=_selected_action]").check()
+    run_action(page, "discard_selected")
     assert "Discard" in page.inner_text("#confirm-question")
     shoot(page, "deadletter-confirm-discard")
     follow(page, "#confirm-yes")
     assert "Discarded 1 message" in messages_text(page)
-    assert page.locator("#deadletters-empty").is_visible()
+    assert page.locator("#result_list tbody tr").count() == 0
+    assert DeadLetter.objects.unsettled().count() == 0
     assert broker.depth(dlq) == 0
 
 
-def test_a_replay_the_broker_refuses_leaves_the_message_in_the_dead_letter_queue(
+def test_a_replay_the_broker_refuses_leaves_the_message_in_the_dead_letters(
     page, operator, admin_queues, broker, start_consumer
 ):
     # Given a dead letter, and a results queue cut off from the exchange (a replayed copy has
     # nowhere to go, and the broker returns it)
-    start_consumer()
+    start_consumer(RESULTS_DEAD_LETTER_ARCHIVE="true")
     broker.publish_raw(b"{broken", pika.BasicProperties(message_id="keep-me", delivery_mode=2))
-    dlq = admin_queues.dead_letter_queue
-    broker.wait_depth(dlq, 1, timeout=60)
+    wait_until(archived(1), what="the dead letter to be archived")
     connection = pika.BlockingConnection(pika.URLParameters(admin_queues.amqp_url))
     connection.channel().queue_unbind(
         admin_queues.queue, admin_queues.exchange, admin_queues.routing_key
@@ -255,20 +275,109 @@ def test_a_replay_the_broker_refuses_leaves_the_message_in_the_dead_letter_queue
 
     # When the operator replays it
     log_in(page, "operator")
-    page.goto("/admin/workers/deadletterqueue/")
-    dead_letter_id = page.locator("tr.deadletter-row").get_attribute("data-id")
-    dead_letter_row(page, "keep-me").locator("input[name=ids]").check()
-    follow(page, "#replay-selected")
-    follow(page, "#confirm-yes")
+    page.goto("/admin/workers/deadletter/")
+    dead_letter_row(page, "keep-me").locator("input[name=_selected_action]").check()
+    run_action(page, "replay_selected")
+    summary = replay_to_the_end(page)
 
-    # Then the page says it failed and where the message is; the message is still there
-    notice = messages_text(page)
-    assert "1 message could not be replayed and stays in the dead-letter queue" in notice
-    assert "Replayed" not in notice
-    assert page.locator(f"tr.deadletter-row[data-id='{dead_letter_id}']").count() == 1
+    # Then the page says it was refused and kept; the message is still a dead letter
+    assert "Done: 0 of 1 replayed, 1 kept." in summary
+    assert "1 refused by the broker (kept here)" in page.inner_text("#replay-progress")
     shoot(page, "deadletter-replay-refused")
-    assert broker.depth(dlq) == 1  # (the test client's declare binds the queue again)
+    page.goto("/admin/workers/deadletter/")
+    assert dead_letter_row(page, "keep-me").count() == 1
     assert broker.depth(admin_queues.queue) == 0
+
+
+def test_dead_letter_details_an_operator_trips_over(page, operator, admin_queues, broker):
+    # Given dead letters moved from the broker: one replayed twice already and failed again,
+    # with a long traceback, and one whose body is over 256 KB
+    connection = pika.BlockingConnection(pika.URLParameters(admin_queues.amqp_url))
+    channel = connection.channel()
+    topology.declare(channel, admin_queues)
+    trace = "Traceback (most recent call last):\n" + "".join(
+        f'  File "oioioi/module{i}.py", line {i}, in f{i}\n    call()\n' for i in range(60)
+    )
+    trace += "RuntimeError: the outermost failure, last line"
+    channel.basic_publish(
+        "",
+        admin_queues.dead_letter_queue,
+        json.dumps({"job_id": "urn:uuid:again", "group_id": "GROUP_AGAIN"}).encode(),
+        pika.BasicProperties(
+            message_id="GROUP_AGAIN",
+            headers={
+                "x-oioioi-dead-letter-id": "again-1",
+                "x-oioioi-reason": "failed",
+                "x-oioioi-traceback": trace,
+                "x-oioioi-replays": 2,
+            },
+        ),
+    )
+    big = json.dumps({"job_id": "urn:uuid:big", "blob": "x" * 300_000}).encode()
+    channel.basic_publish(
+        "",
+        admin_queues.dead_letter_queue,
+        big,
+        pika.BasicProperties(
+            message_id="GROUP_BIG",
+            headers={"x-oioioi-dead-letter-id": "big-1", "x-oioioi-reason": "invalid"},
+        ),
+    )
+    connection.close()
+    broker.wait_depth(admin_queues.dead_letter_queue, 2)
+    log_in(page, "operator")
+
+    # The list says what waits in the broker, and moves it on request
+    page.goto("/admin/workers/deadletter/")
+    assert "2 more dead letters wait" in page.inner_text("#broker-waiting")
+    follow(page, "#archive-now")
+    assert "Archived 2 dead letters" in messages_text(page)
+    assert broker.depth(admin_queues.dead_letter_queue) == 0
+
+    # The replay count is in the list and on the message's page
+    assert "2 times" in dead_letter_row(page, "GROUP_AGAIN").inner_text()
+    follow(page, dead_letter_row(page, "GROUP_AGAIN").locator("a").first)
+    assert "2 times" in page.inner_text("#detail-replays")
+
+    # The line that raised is shown above the traceback, and in view at its end
+    assert "RuntimeError: the outermost failure, last line" in page.inner_text("#detail-raised")
+    in_view = page.evaluate(
+        "() => { const t = document.getElementById('detail-traceback');"
+        " return t.scrollTop + t.clientHeight >= t.scrollHeight - 2 && t.scrollHeight > t.clientHeight; }"
+    )
+    assert in_view
+    kept(page, "deadletter-detail-traceback")
+
+    # Replay is the safe, primary button; only discard is red
+    follow(page, "#replay-one")
+    replay_colour = page.eval_on_selector(
+        "#confirm-yes", "e => getComputedStyle(e).backgroundColor"
+    )
+    kept(page, "deadletter-confirm-replay-button")
+    page.go_back()
+    follow(page, "#discard-one")
+    discard_colour = page.eval_on_selector(
+        "#confirm-yes", "e => getComputedStyle(e).backgroundColor"
+    )
+    assert replay_colour != discard_colour, (replay_colour, discard_colour)
+    red, green, blue = (int(c) for c in discard_colour[4:-1].split(",")[:3])
+    assert red > 150 and green < 80 and blue < 80, discard_colour
+    red, green, blue = (int(c) for c in replay_colour[4:-1].split(",")[:3])
+    assert not (red > 150 and green < 80 and blue < 80), replay_colour
+
+    # A body over 256 KB is cut on the page and downloadable whole
+    page.goto("/admin/workers/deadletter/")
+    follow(page, dead_letter_row(page, "GROUP_BIG").locator("a").first)
+    assert "Only the first 256.0\xa0KB of 293.0\xa0KB" in page.inner_text("#detail-body-cut")
+    with page.expect_download() as download_info:
+        page.click("#detail-download")
+    download = download_info.value
+    assert Path(download.path()).read_bytes() == big
+    kept(page, "deadletter-detail-big-body")
+
+
+def kept(page: Any, name: str) -> None:
+    page.screenshot(path=str(kept_screenshot_path(name)), full_page=False)
 
 
 # --- permissions ------------------------------------------------------------------------------
@@ -279,9 +388,10 @@ def test_pages_refuse_staff_without_permission_and_csrf_stays_on(
 ):
     sent = waiting_job()
     saved = SavedEnviron.objects.get(queued_job_id=sent["job_id"])
-    start_consumer()
+    start_consumer(RESULTS_DEAD_LETTER_ARCHIVE="true")
     broker.publish_raw(b"[]", pika.BasicProperties(message_id="not-an-environ", delivery_mode=2))
-    broker.wait_depth(admin_queues.dead_letter_queue, 1, timeout=60)
+    wait_until(archived(1), what="the dead letter to be archived")
+    letter = DeadLetter.objects.get()
     make_user("clerk")  # staff, no permission at all
     make_user("viewer", "workers.view_deadletters")  # may look, not replay
     make_user("visitor", *OPERATOR_PERMISSIONS, staff=False)
@@ -294,9 +404,12 @@ def test_pages_refuse_staff_without_permission_and_csrf_stays_on(
         f"/admin/evalmgr/savedenviron/{saved.pk}/change/",
         "/admin/workers/receivedresult/",
         "/admin/workers/pendingrun/",
+        "/admin/workers/deadletter/",
+        f"/admin/workers/deadletter/{letter.pk}/change/",
+        f"/admin/workers/deadletter/{letter.pk}/body/",
+        "/admin/workers/deadletter/replay/",
+        "/admin/workers/deadletter/archive/",
         "/admin/workers/deadletterqueue/",
-        "/admin/workers/deadletterqueue/0123456789abcdef/",
-        "/admin/workers/deadletterqueue/confirm/",
         "/admin/workers/deadletterqueue/status/",
     ]
 
@@ -323,44 +436,82 @@ def test_pages_refuse_staff_without_permission_and_csrf_stays_on(
     # A viewer sees the dead letters but gets no replay or discard, and may not POST them
     page.context.clear_cookies()
     log_in(page, "viewer")
-    page.goto("/admin/workers/deadletterqueue/")
-    assert page.locator("tr.deadletter-row").count() == 1
-    assert page.locator("input[name=ids]").count() == 0
-    assert page.locator("#replay-selected").count() == 0
-    dead_letter_id = page.locator("tr.deadletter-row").get_attribute("data-id")
-    for action in ("replay", "discard"):
-        response = post_with_csrf(
-            page, {"action": action, "ids": dead_letter_id, "confirmed": "yes"}
+    page.goto("/admin/workers/deadletter/")
+    assert page.locator("#result_list tbody tr").count() == 1
+    assert page.locator("input[name=_selected_action]").count() == 0
+    assert page.locator("select[name=action]").count() == 0
+    assert page.locator("#archive-now").count() == 0
+    for action in ("replay_selected", "discard_selected"):
+        post_with_csrf(
+            page,
+            "/admin/workers/deadletter/",
+            {
+                "action": action,
+                "_selected_action": str(letter.pk),
+                "select_across": "0",
+                "index": "0",
+            },
         )
-        assert response.status == 403
-        assert "CSRF" not in response.text()
-    assert broker.depth(admin_queues.dead_letter_queue) == 1
+        post_with_csrf(
+            page,
+            "/admin/workers/deadletter/",
+            {
+                "action": action,
+                "_selected_action": str(letter.pk),
+                "select_across": "0",
+                "post": "yes",
+                "upto": str(letter.pk),
+            },
+        )
+    response = post_with_csrf(
+        page, "/admin/workers/deadletter/replay/", {"select_across": "1", "upto": str(letter.pk)}
+    )
+    assert response.status == 403
+    assert DeadLetter.objects.unsettled().count() == 1
+    assert broker.depth(admin_queues.queue) == 0
 
     # The operator may, with the CSRF token; without it even the operator is refused
     page.context.clear_cookies()
     log_in(page, "operator")
-    response = post_with_csrf(page, {"action": "discard", "ids": dead_letter_id})
+    response = post_with_csrf(
+        page,
+        "/admin/workers/deadletter/",
+        {
+            "action": "discard_selected",
+            "_selected_action": str(letter.pk),
+            "select_across": "0",
+            "index": "0",
+        },
+    )
     assert response.status == 200
     assert "Discard dead letters: are you sure?" in response.text()
-    assert f"<code>{dead_letter_id}</code>" in response.text()
-    page.goto("/admin/workers/deadletterqueue/")
-    response = page.request.post(
-        "/admin/workers/deadletterqueue/confirm/",
-        form={"action": "discard", "ids": dead_letter_id, "confirmed": "yes"},
-    )
-    assert response.status == 403
-    assert "CSRF verification failed" in response.text()
-    assert broker.depth(admin_queues.dead_letter_queue) == 1
+    assert f"<code>{letter.letter_id}</code>" in response.text()
+    page.goto("/admin/workers/deadletter/")
+    for url, form in [
+        (
+            "/admin/workers/deadletter/",
+            {
+                "action": "discard_selected",
+                "_selected_action": str(letter.pk),
+                "select_across": "0",
+                "post": "yes",
+                "upto": str(letter.pk),
+            },
+        ),
+        ("/admin/workers/deadletter/replay/", {"select_across": "1", "upto": str(letter.pk)}),
+    ]:
+        response = page.request.post(url, form=form)
+        assert response.status == 403
+        assert "CSRF verification failed" in response.text()
+    assert DeadLetter.objects.unsettled().count() == 1
 
 
-def post_with_csrf(page: Any, form: dict[str, str]) -> Any:
-    """POST to the dead-letter confirmation URL from the logged-in browser, with its CSRF token."""
+def post_with_csrf(page: Any, url: str, form: dict[str, str]) -> Any:
+    """POST from the logged-in browser, with its CSRF token."""
     page.goto("/admin/")
     token = next(c["value"] for c in page.context.cookies() if c["name"] == "csrftoken")
     return page.request.post(
-        "/admin/workers/deadletterqueue/confirm/",
-        form={**form, "csrfmiddlewaretoken": token},
-        headers={"Referer": page.url},
+        url, form={**form, "csrfmiddlewaretoken": token}, headers={"Referer": page.url}
     )
 
 
@@ -396,9 +547,9 @@ def test_job_pages_flag_stale_jobs_and_search_and_filter(page, operator, admin_q
         outcome="ignored",
     )
     ReceivedResult.objects.create(
-        key="GROUP_B",
-        message_id="GROUP_B",
-        group_id="GROUP_B",
+        key="GROUP_B-urn:uuid:6f9619ff-8b86-d011-b42d-00c04fc964ff",
+        message_id="GROUP_B-urn:uuid:6f9619ff-8b86-d011-b42d-00c04fc964ff",
+        group_id="GROUP_B-urn:uuid:6f9619ff-8b86-d011-b42d-00c04fc964ff",
         job_id="urn:uuid:finished-job",
         submission_id=5555,
         outcome="resumed",
@@ -470,6 +621,17 @@ def test_job_pages_flag_stale_jobs_and_search_and_filter(page, operator, admin_q
     assert result_rows(page) == 2
     assert page.locator("a.addlink").count() == 0
     shoot(page, "receivedresult-list")
+    kept(page, "receivedresult-list-1360px")
+    # At 1360 px every column fits, *received at* (the last) included, with no scrolling
+    fits = page.evaluate(
+        "() => { const last = [...document.querySelectorAll('#result_list thead th')].pop();"
+        " const box = document.querySelector('#changelist .results') || document.body;"
+        " return [last.innerText, last.getBoundingClientRect().right,"
+        " Math.min(window.innerWidth, box.getBoundingClientRect().right),"
+        " box.scrollWidth, box.clientWidth]; }"
+    )
+    assert "RECEIVED AT" in fits[0].upper(), fits
+    assert fits[1] <= fits[2] and fits[3] <= fits[4], fits
     search(page, "GROUP_B")
     assert result_rows(page) == 1
     assert "finished" in page.inner_text("#result_list")
@@ -516,12 +678,17 @@ def test_pages_say_clearly_when_the_broker_is_unreachable(
     page, operator, admin_queues, settings, silent_broker, waiting_job
 ):
     sent = waiting_job()
+    DeadLetter.objects.create(
+        letter_id="kept-1", reason="failed", job_id="urn:uuid:kept", body=b"{}", size=2
+    )
     log_in(page, "operator")
 
-    # A broker on which nothing has declared the queues yet: the page says what is missing
-    response = page.goto("/admin/workers/deadletterqueue/")
+    # A broker on which nothing has declared the queues yet: the page says what is missing, and
+    # still lists what the database holds
+    response = page.goto("/admin/workers/deadletter/")
     assert response.status == 200
     assert "does not exist" in page.inner_text("#broker-error")
+    assert page.locator("#result_list tbody tr").count() == 1
     assert "queue not declared yet" in page.goto("/admin/").text()
 
     # A broker that does not answer: the index comes back quickly with a notice, jobs still shown
@@ -534,20 +701,38 @@ def test_pages_say_clearly_when_the_broker_is_unreachable(
     assert "no answer within 4 s" in page.inner_text("#broker-unreachable")
     assert "guest:guest" not in page.content()
     assert sent["job_id"] in page.inner_text("#status-oldest")
+    assert page.inner_text("#status-dead-letters").startswith("1")
     shoot(page, "admin-index-broker-unreachable")
+    # ... and the dead letters within the same few seconds, in plain words
     started = time.monotonic()
-    response = page.goto("/admin/workers/deadletterqueue/")
+    response = page.goto("/admin/workers/deadletter/")
+    took = time.monotonic() - started
     assert response.status == 200
-    assert time.monotonic() - started < 40
-    assert "broker is unreachable" in page.inner_text("#broker-error")
+    assert took < 8, took
+    error = page.inner_text("#broker-error")
+    assert "did not answer in time" in error and "no answer within 4 s" in error, error
+    assert "AMQPConnector" not in page.content() and "AddressFamily" not in page.content()
+    assert page.locator("#result_list tbody tr").count() == 1
+    kept(page, "deadletter-list-broker-timeout")
 
-    # No broker listening at all: the dead-letter page says so instead of failing
-    settings.AMQP_URL = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
-    response = page.goto("/admin/workers/deadletterqueue/")
-    assert response.status == 200
-    assert "broker is unreachable" in page.inner_text("#broker-error")
-    assert "guest:guest" not in page.content()
-    shoot(page, "deadletter-list-broker-unreachable")
+    # Each kind of failure in its own words
+    port = free_port()
+    for url, words in [
+        (f"amqp://guest:guest@127.0.0.1:{port}/%2F", "cannot be reached"),
+        (f"{admin_queues.amqp_url.rsplit('/', 1)[0]}/no-such-vhost", "no such virtual host"),
+        (
+            admin_queues.amqp_url.replace("guest:guest@", "guest:wrong-password@"),
+            "refused access",
+        ),
+    ]:
+        settings.AMQP_URL = url
+        response = page.goto("/admin/workers/deadletter/")
+        assert response.status == 200
+        error = page.inner_text("#broker-error")
+        assert words in error, (url, error)
+        assert "wrong-password" not in page.content()
+        assert "Error(" not in error and "<" not in error, error
+    kept(page, "deadletter-list-access-refused")
     response = page.goto("/admin/")
     assert response.status == 200
     assert page.locator("#broker-unreachable").is_visible()

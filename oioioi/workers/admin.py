@@ -22,6 +22,7 @@ from django.utils.safestring import SafeString
 
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers import admin_views
+from oioioi.workers.admin_deadletters import DeadLetterAdmin
 from oioioi.workers.admin_helpers import (
     AgeFilter,
     KeptRowsMixin,
@@ -34,7 +35,7 @@ from oioioi.workers.admin_helpers import (
 from oioioi.workers.admin_jobs import QueuedJobAdmin, SavedEnvironAdmin, job_link
 from oioioi.workers.admin_site import IN_OIOIOI, add_system_menu_entries, register, site
 from oioioi.workers.claims import MAX_ATTEMPTS
-from oioioi.workers.models import DeadLetterQueue, PendingRun, ReceivedResult
+from oioioi.workers.models import DeadLetter, DeadLetterQueue, PendingRun, ReceivedResult
 from oioioi.workers.permissions import VIEW_PERMISSION
 
 
@@ -64,11 +65,12 @@ class JobExistsMixin:
 
 class ReceivedResultAdmin(JobExistsMixin, KeptRowsMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     # Kept: the inbox is what makes a redelivery harmless; deleting a row would let it apply twice.
+    # Message id and group id share a column (usually the same value): at 1360 px every column,
+    # *received at* included, fits without scrolling.
     list_display = [
         "message_column",
         "outcome_column",
         "job_column",
-        "group_id",
         "submission_id",
         "received_at",
     ]
@@ -91,9 +93,12 @@ class ReceivedResultAdmin(JobExistsMixin, KeptRowsMixin, ReadOnlyAdminMixin, adm
     )
     fields = readonly_fields
 
-    @admin.display(description="message id", ordering="key")
-    def message_column(self, result: ReceivedResult) -> str:
-        return result.message_id or result.key
+    @admin.display(description="message id / group id", ordering="key")
+    def message_column(self, result: ReceivedResult) -> SafeString | str:
+        message = result.message_id or result.key
+        if not result.group_id or result.group_id == message:
+            return message
+        return format_html('{}<br><span class="quiet">group {}</span>', message, result.group_id)
 
     @admin.display(description="outcome", ordering="outcome")
     def outcome_column(self, result: ReceivedResult) -> SafeString:
@@ -174,10 +179,15 @@ class PendingRunAdmin(JobExistsMixin, KeptRowsMixin, ReadOnlyAdminMixin, admin.M
 
 
 class DeadLetterQueueAdmin(admin.ModelAdmin):
-    """The dead-letter queue, read from the broker: list, one message, replay and discard."""
+    """The model holding the dead-letter permissions: the status page, and the former addresses
+    of the dead-letter pages (the list and each message are :class:`DeadLetterAdmin`'s now)."""
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm(VIEW_PERMISSION)
+
+    def get_model_perms(self, request: HttpRequest) -> dict[str, bool]:
+        # Not listed on the index: the archived dead letters are, under the same name.
+        return {}
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -194,21 +204,17 @@ class DeadLetterQueueAdmin(admin.ModelAdmin):
         wrap = self.admin_site.admin_view
         return [
             path("", wrap(self.changelist_view), name=f"{name}_changelist"),
-            path("confirm/", wrap(self.confirm_view), name=f"{name}_confirm"),
             path("status/", wrap(self.status_view), name=f"{name}_status"),
-            path("<str:dead_letter_id>/", wrap(self.detail_view), name=f"{name}_detail"),
+            path("<path:rest>", wrap(self.former_view), name=f"{name}_detail"),
         ]
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        return admin_views.dead_letter_list(self, request)
+        return admin_views.to_archive(self, request, "")
 
-    def detail_view(self, request: HttpRequest, dead_letter_id: str) -> HttpResponse:
-        return admin_views.dead_letter_detail(self, request, dead_letter_id)
-
-    def confirm_view(self, request: HttpRequest) -> HttpResponse:
-        return admin_views.dead_letter_action(self, request)
+    def former_view(self, request: HttpRequest, rest: str) -> HttpResponse:
+        return admin_views.to_archive(self, request, rest)
 
     def status_view(self, request: HttpRequest) -> HttpResponse:
         return admin_views.status_page(self, request)
@@ -221,6 +227,7 @@ register(SavedEnviron, SavedEnvironAdmin)
 register(ReceivedResult, ReceivedResultAdmin)
 register(PendingRun, PendingRunAdmin)
 register(DeadLetterQueue, DeadLetterQueueAdmin)
+register(DeadLetter, DeadLetterAdmin)
 if not IN_OIOIOI:
     # The index shows the status panel to operators. OIOIOI's index is not ours to replace: there
     # the panel has a page of its own in the system-admin menu.

@@ -72,7 +72,7 @@ SYSTEM_MENU = [
     (
         "results_deadletters",
         "Dead letters",
-        "workers_deadletterqueue_changelist",
+        "workers_deadletter_changelist",
         VIEW_PERMISSION,
         62,
     ),

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, tuple[Any, Callable[[str], Any]]] = {
     "RESULTS_DB_RETRY_MAX": (5.0, float),
     "RESULTS_DB_PROBE_MAX": (30.0, float),
     "RESULTS_INBOX_RETENTION_DAYS": (30, int),
+    "RESULTS_DEAD_LETTER_ARCHIVE": (True, _bool),
     # The hand-off to the recipe runner (oioioi.workers.dispatch).
     "EVALMGR_DISPATCHER": ("oioioi.workers.dispatch.CeleryDispatcher", str),
     "EVALMGR_RUN_LEASE_SECONDS": (300, int),

@@ -96,3 +96,60 @@ class DeadLetterQueue(models.Model):
         ]
         verbose_name = "dead letter"
         verbose_name_plural = "dead letters"
+
+
+class DeadLetterQuerySet(models.QuerySet["DeadLetter"]):
+    def unsettled(self) -> DeadLetterQuerySet:
+        """The dead letters still waiting for an operator (not replayed, not discarded)."""
+        return self.filter(settled="")
+
+
+class DeadLetter(models.Model):
+    """A dead letter moved out of the broker's dead-letter queue, to be seen, replayed or discarded.
+
+    The archiver (:mod:`oioioi.workers.deadletters`) writes a row and only then acks the message;
+    a replay publishes the body again, waits for the broker's confirm, and only then marks the
+    row *replayed*. A settled row keeps its id and loses its body: a copy of the message the
+    broker hands out again (an ack lost with its connection) is recognised and not listed again.
+    The permissions are :class:`DeadLetterQueue`'s.
+    """
+
+    id = _id()
+
+    #: The dead letter's id (``x-oioioi-dead-letter-id``, or a hash for one the broker
+    #: dead-lettered): a second copy of the same dead letter is not archived twice.
+    letter_id = models.CharField(max_length=255, unique=True)
+    message_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    reason = models.CharField(max_length=64, db_index=True)
+    error = models.TextField(blank=True, default="")
+    error_class = models.CharField(max_length=255, blank=True, default="")
+    traceback = models.TextField(blank=True, default="")
+    failed_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    delivery_count = models.IntegerField(null=True, blank=True)
+    retries = models.IntegerField(null=True, blank=True)
+    #: How many times an operator had replayed it before (``x-oioioi-replays``).
+    replays = models.IntegerField(default=0)
+    host = models.CharField(max_length=255, blank=True, default="")
+    job_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    group_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    submission_id = models.BigIntegerField(null=True, blank=True, db_index=True)
+    size = models.BigIntegerField(default=0)
+    content_type = models.CharField(max_length=255, blank=True, default="")
+    #: The message's AMQP properties and headers, as JSON: what a replay publishes again.
+    properties = models.TextField(default="{}")
+    body = models.BinaryField()
+    archived_at = models.DateTimeField(default=timezone.now, db_index=True)
+    #: ``""`` while it waits for an operator, then ``replayed`` or ``discarded``.
+    settled = models.CharField(max_length=16, blank=True, default="", db_index=True)
+    settled_at = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    objects = DeadLetterQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "dead letter"
+        verbose_name_plural = "dead letters"
+        ordering = ["-pk"]
+        default_permissions = ()
+
+    def __str__(self) -> str:
+        return f"{self.letter_id} ({self.reason})"

@@ -64,7 +64,8 @@ def _parameters_timeout() -> float:
     return CONNECT_TIMEOUT * 2
 
 
-def _tune(params: pika.URLParameters) -> None:
+def tune_short(params: pika.URLParameters) -> None:
+    """The panel's short timeouts, for every broker call of the operator pages."""
     params.connection_attempts = 1
     params.retry_delay = 0
     params.socket_timeout = CONNECT_TIMEOUT
@@ -81,7 +82,7 @@ def broker_status(settings: Settings) -> BrokerStatus:
     ]
     try:
         # The first node of AMQP_URL that answers; each node gets the short timeouts.
-        connection = connect(settings, name="oioioi-admin-status", tune=_tune)[0]
+        connection = connect(settings, name="oioioi-admin-status", tune=tune_short)[0]
     except ConnectionClosed as e:
         # Only host and port of each node, never the URL's credentials.
         log.warning("Operator panel: the broker is unreachable (%s).", e)

@@ -14,6 +14,7 @@ from django.utils import timezone
 from oioioi.workers import admin_helpers, status
 from oioioi.workers.admin_site import admin_url as site_admin_url
 from oioioi.workers.conf import consumer_settings
+from oioioi.workers.models import DeadLetter
 from oioioi.workers.permissions import VIEW_PERMISSION
 
 register = template.Library()
@@ -21,7 +22,7 @@ register = template.Library()
 
 @register.simple_tag
 def admin_url(name: str, *args: Any, **kwargs: Any) -> str:
-    """``{% admin_url "workers_deadletterqueue_detail" letter.id %}``: a page of the site the
+    """``{% admin_url "workers_deadletter_change" row.pk %}``: a page of the site the
     operator pages are on, whichever it is (``{% url 'admin:...' %}`` names Django's default)."""
     return site_admin_url(name, *args, **kwargs)
 
@@ -50,13 +51,19 @@ def workers_status_panel(context: template.Context) -> dict[str, Any]:
         broker = status.BrokerStatus(error=f"the broker settings are not valid: {e}")
     jobs = status.jobs_status(now)
     oldest = jobs.oldest_waiting
+    dead = broker.queue("dead letters")
+    archived = DeadLetter.objects.unsettled().count()
+    waiting = dead.messages if dead is not None and dead.messages is not None else 0
     jobs_url = site_admin_url("evalmgr_queuedjob_changelist")
     return {
         "show": True,
         "broker": broker,
         "results": broker.queue("results"),
         "retry": broker.queue("retry"),
-        "dead": broker.queue("dead letters"),
+        "dead": dead,
+        "dead_archived": archived,
+        "dead_waiting": waiting,
+        "dead_total": archived + waiting,
         "jobs": jobs,
         "oldest": oldest,
         "oldest_age": (now - oldest.creation_date) if oldest else None,
@@ -66,7 +73,7 @@ def workers_status_panel(context: template.Context) -> dict[str, Any]:
         "stale_after": status.stale_threshold(),
         "stale_url": f"{jobs_url}?{stale_jobs_query(now)}",
         "waiting_url": f"{jobs_url}?state__exact=WAITING",
-        "dead_letters_url": site_admin_url("workers_deadletterqueue_changelist"),
+        "dead_letters_url": site_admin_url("workers_deadletter_changelist"),
     }
 
 

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from oioioi.workers.conf import setting
 from oioioi.workers.logging import route_library_logs
-from oioioi.workers.models import DeliveryAttempt, ReceivedResult
+from oioioi.workers.models import DeadLetter, DeliveryAttempt, ReceivedResult
 
 
 class Command(BaseCommand):
@@ -58,10 +58,16 @@ class Command(BaseCommand):
         attempts = self._delete_in_chunks(
             DeliveryAttempt.objects.filter(last_attempt_at__lt=cutoff), chunk, 0
         )
+        # A replayed or discarded dead letter is kept (without its body) so that a copy the
+        # broker hands out again is recognised; as long as the inbox remembers results.
+        settled = self._delete_in_chunks(
+            DeadLetter.objects.exclude(settled="").filter(settled_at__lt=cutoff), chunk, 0
+        )
         self.stdout.write(
             f"Deleted {deleted} received-result record(s) older than {days} day(s) "
-            f"(received before {cutoff.isoformat(timespec='seconds')}), and {attempts} "
-            "old delivery-attempt count(s)."
+            f"(received before {cutoff.isoformat(timespec='seconds')}), {attempts} "
+            f"old delivery-attempt count(s) and {settled} old replayed or discarded dead "
+            "letter(s)."
         )
 
     def _delete_in_chunks(self, old: Any, chunk: int, verbosity: int) -> int:

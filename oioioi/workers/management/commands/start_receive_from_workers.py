@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -13,9 +14,10 @@ from django.db import DEFAULT_DB_ALIAS, OperationalError, connections
 from django.db.migrations.executor import MigrationExecutor
 
 from consumer import shim
-from consumer.consumer import ResultsConsumer
+from consumer.config import Settings
+from consumer.consumer import ResultsConsumer, Store
 from consumer.shim import ShimConfig
-from oioioi.workers import observability, receive
+from oioioi.workers import deadletters, observability, receive
 from oioioi.workers.conf import command_settings, setting
 from oioioi.workers.dispatch import get_dispatcher
 from oioioi.workers.logging import route_library_logs
@@ -71,12 +73,27 @@ class Command(BaseCommand):
             raise CommandError(f"Invalid EVALMGR_DISPATCHER: {e}") from e
         log.info("%s", receive.describe(settings))
         metrics = observability.start(options.get("metrics_port"))
-        consumer = ResultsConsumer(settings, receive.store(), observer=metrics.observer)
+        consumer = ResultsConsumer(settings, self._store(settings), observer=metrics.observer)
         self._install_signal_handlers(consumer)
         try:
             consumer.run()
         finally:
             metrics.close()
+
+    def _store(self, settings: Settings) -> Store:
+        store = receive.store()
+        if not setting("RESULTS_DEAD_LETTER_ARCHIVE"):
+            return store
+        # Every few seconds, after the sweep: dead letters move from the broker into the
+        # database (committed, then acked), where the operator pages list them.
+        sweep, archive = store.idle, deadletters.archive_step(settings)
+
+        def idle() -> None:
+            sweep()
+            archive()
+
+        log.info("Dead letters are moved into the database every few seconds.")
+        return dataclasses.replace(store, idle=idle)
 
     def _run_shim(self, options: dict[str, Any]) -> None:
         # No migration check: the shim never touches the database, and must not need it.
