@@ -35,6 +35,20 @@ class RejectedEnviron(PermanentError):
     reason = "rejected"
 
 
+class NoSavedEnviron(RejectedEnviron):
+    """Raised when a result names no ``saved_environ_id``: it resumes no job (a worker's result
+    always answers a transfer, which saved the job's environ)."""
+
+    reason = "no-saved-environ"
+
+
+class MismatchedEnviron(RejectedEnviron):
+    """Raised by the write when a result's ``saved_environ_id`` names the saved environ of
+    another job than its ``job_id``: both jobs are left as they were."""
+
+    reason = "mismatch"
+
+
 class DeliveryLimitExceeded(PermanentError):
     """Raised when a message was in hand each time its consumer died, too often (classic queues)."""
 

@@ -6,12 +6,22 @@ Every delivery ends in exactly one of these, and is acknowledged only after that
 ``committed``
     Decoded, written by ``delay_environ`` in one transaction with its inbox record, committed, then
     acked. The recipe runs after the ack, from a durable pending-run row.
+    A result whose saved environ is gone (its job already resumed by another message, or
+    deleted) is committed too, recorded as ``ignored``: upstream's "already resumed, ignoring".
 ``duplicate``
     Its key (message id, or body hash) is already in the inbox: acked with no second effect.
+    The inbox decides this before the saved environ is looked at: a redelivery of a result
+    already applied (whose saved environ it deleted) is a duplicate, never refused.
 ``dead-lettered``
-    Message-specific and permanent (not UTF-8 JSON, not an environ, or refused by the domain):
-    copied to the dead-letter queue with ``x-oioioi-*`` headers saying why (error class, message,
-    time, delivery count, host), confirmed, then acked. Never requeued.
+    Message-specific and permanent: copied to the dead-letter queue with ``x-oioioi-*`` headers
+    saying why (the reason, error class, message, time, delivery count, host), confirmed, then
+    acked. Never requeued. The reasons: ``undecodable`` (not UTF-8 JSON), ``invalid`` (not an
+    environ a worker returns), ``rejected`` (refused by the domain: no ``job_id``, a
+    ``saved_environ_id`` that is not an integer), ``no-saved-environ`` (no ``saved_environ_id``:
+    it would resume no job, and run as a new one), ``mismatch`` (its ``saved_environ_id`` is the
+    saved environ of another job than its ``job_id``: both jobs are left waiting as they were;
+    only the write can see this, so a batch holding one fails and is written one by one),
+    ``delivery-limit`` and ``failed`` (below).
 ``retried later``
     An unexpected exception from the write (a bug, a handler that raises): copied to the retry
     queue, which returns it to the results queue after ``retry_delay_ms``; confirmed, then acked.

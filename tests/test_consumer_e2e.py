@@ -8,7 +8,7 @@ import signal
 import pika
 import pytest
 
-from oioioi.evalmgr.models import SavedEnviron
+from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers.models import PendingRun, ReceivedResult
 from tests.conftest import result_for
 from tests.helpers import job_done, wait_until
@@ -58,6 +58,7 @@ def test_message_without_properties_is_accepted(broker, start_consumer, waiting_
         (b'{"workers_jobs": {"job0": {}}}', "invalid", "neither"),
         (b'{"workers_jobs.results": {}}', "rejected", "no 'job_id'"),
         (b'{"error": {}, "job_id": "j", "saved_environ_id": "seven"}', "rejected", "integer"),
+        (b'{"error": {}, "job_id": "j"}', "no-saved-environ", "no 'saved_environ_id'"),
     ],
 )
 def test_bad_message_is_dead_lettered_with_reason_and_consumer_goes_on(
@@ -120,6 +121,42 @@ def test_batch_with_one_bad_result_applies_the_others(broker, start_consumer, wa
     [(props, _)] = broker.drain(broker.settings.dead_letter_queue)
     assert props.message_id == results[3]["group_id"]
     assert props.headers["x-oioioi-reason"] == "rejected"
+
+
+def test_a_mismatched_result_is_dead_lettered_and_both_jobs_it_named_left_waiting(
+    broker, start_consumer, waiting_job
+):
+    # Given six waiting jobs, and in one batch with their results a result for job 0 that names
+    # job 1's saved environ
+    jobs = [waiting_job(submission_id=i) for i in range(6)]
+    named, other = jobs[0], jobs[1]
+    bad = result_for(named)
+    bad["saved_environ_id"] = other["saved_environ_id"]
+    for r in [result_for(s) for s in jobs[2:4]] + [bad] + [result_for(s) for s in jobs[4:]]:
+        broker.publish_env(r, message_id=r["group_id"])
+    start_consumer()
+    # Then the other results are applied, and the bad one is dead-lettered as a mismatch
+    for sent in jobs[2:]:
+        wait_until(job_done(sent["job_id"]), what=f"job {sent['submission_id']} resumed")
+    broker.wait_depth(broker.settings.dead_letter_queue, 1)
+    broker.wait_depth(broker.settings.queue, 0)
+    [(props, body)] = broker.drain(broker.settings.dead_letter_queue)
+    assert json.loads(body) == bad
+    assert props.headers["x-oioioi-reason"] == "mismatch"
+    assert props.headers["x-oioioi-error-class"] == "consumer.errors.MismatchedEnviron"
+    assert other["job_id"] in props.headers["x-oioioi-error"]
+    # And both jobs it named still wait, each with its own saved environ, and nothing of the
+    # bad result was recorded
+    for sent in (named, other):
+        job = QueuedJob.objects.get(job_id=sent["job_id"])
+        assert job.state == "WAITING"
+        assert SavedEnviron.objects.get(id=sent["saved_environ_id"]).queued_job_id == job.job_id
+    assert not ReceivedResult.objects.filter(group_id=bad["group_id"]).exists()
+    assert not PendingRun.objects.exists()
+    # Their own results still resume them
+    for sent in (named, other):
+        broker.publish_env(result_for(sent))
+        wait_until(job_done(sent["job_id"]), what="a job the bad result named resumed")
 
 
 def test_unexpected_error_is_retried_through_the_broker_then_dead_lettered(

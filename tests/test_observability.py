@@ -343,6 +343,8 @@ def test_observer_labels_stay_a_fixed_set():
         "undecodable",
         "invalid",
         "rejected",
+        "no-saved-environ",
+        "mismatch",
         "delivery-limit",
         "permanent",
         "failed",

@@ -16,7 +16,7 @@ from django.db import connection
 from django.test import override_settings
 
 from consumer.decode import Result, decode
-from consumer.errors import RejectedEnviron
+from consumer.errors import MismatchedEnviron, NoSavedEnviron, RejectedEnviron
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers import receive
 from oioioi.workers.dispatch import get_dispatcher
@@ -105,6 +105,75 @@ def test_an_environ_the_domain_refuses_fails_the_batch_before_anything_is_writte
     assert not PendingRun.objects.exists()
     # Written alone, the good one goes through (what the consumer's fallback does).
     assert receive.write([good]) == ["committed"]
+
+
+def _left_waiting(*jobs: dict[str, Any]) -> bool:
+    """Each job is still WAITING with its saved environ as the transfer saved it."""
+    for sent in jobs:
+        job = QueuedJob.objects.get(job_id=sent["job_id"])
+        saved = SavedEnviron.objects.get(id=sent["saved_environ_id"])
+        if job.state != "WAITING" or saved.queued_job_id != job.job_id:
+            return False
+    return True
+
+
+def test_a_mismatched_result_naming_another_jobs_saved_environ_is_refused_leaving_both_waiting(
+    waiting_job, inbox_path
+):
+    # Given three waiting jobs, and a result for the first that names the second's saved environ
+    named, other, third = (waiting_job(submission_id=i) for i in range(3))
+    bad_env = result_for(named)
+    bad_env["saved_environ_id"] = other["saved_environ_id"]
+    bad = as_result(bad_env, "bad")
+    good = as_result(result_for(third), "good")
+    # When it is written in a batch with a good result, the batch fails before anything is
+    # written (the consumer then writes each message alone)
+    with pytest.raises(MismatchedEnviron) as refused:
+        receive.write([good, bad])
+    assert refused.value.reason == "mismatch"
+    assert other["job_id"] in str(refused.value) and named["job_id"] in str(refused.value)
+    assert not ReceivedResult.objects.exists() and not PendingRun.objects.exists()
+    assert _left_waiting(named, other, third)
+    # Then written alone, the good one commits and the bad one is refused again
+    assert receive.write([good]) == ["committed"]
+    with pytest.raises(MismatchedEnviron):
+        receive.write([bad])
+    assert list(ReceivedResult.objects.values_list("key", flat=True)) == ["good"]
+    assert list(PendingRun.objects.values_list("job_id", flat=True)) == [third["job_id"]]
+    # And both jobs it named are untouched: their own results resume them
+    assert _left_waiting(named, other)
+    outcomes = receive.write([as_result(result_for(s), s["job_id"]) for s in (named, other)])
+    assert outcomes == ["committed", "committed"]
+    assert ReceivedResult.objects.filter(outcome="resumed").count() == 3
+    assert not SavedEnviron.objects.exists()
+    # A redelivery of the good one, whose saved environ is gone now, is still a duplicate
+    assert receive.write([good]) == ["duplicate"]
+
+
+def test_a_result_with_no_saved_environ_id_is_refused_and_its_job_left_waiting(
+    waiting_job, inbox_path
+):
+    sent = waiting_job()
+    env = result_for(sent)
+    env.pop("saved_environ_id")
+    good = as_result(result_for(waiting_job(submission_id=2)), "good")
+    for bad in (as_result(env, "bad"), as_result({**env, "saved_environ_id": None}, "null")):
+        with pytest.raises(NoSavedEnviron) as refused:
+            receive.write([good, bad])
+        assert refused.value.reason == "no-saved-environ"
+    assert not ReceivedResult.objects.exists() and not PendingRun.objects.exists()
+    assert _left_waiting(sent)
+
+
+def test_a_result_whose_saved_environ_is_gone_is_ignored_not_refused(waiting_job, inbox_path):
+    # Given a result never received before, for a job deleted meanwhile (its saved environ
+    # with it): upstream's "already resumed, ignoring", not the message's fault
+    sent = waiting_job()
+    QueuedJob.objects.filter(job_id=sent["job_id"]).delete()
+    assert not SavedEnviron.objects.exists()
+    assert receive.write([as_result(result_for(sent), "late")]) == ["committed"]
+    assert ReceivedResult.objects.get().outcome == "ignored"
+    assert not PendingRun.objects.exists()
 
 
 def test_a_result_is_handed_to_its_run_as_the_legacy_receiver_would_hand_it_on(

@@ -27,7 +27,7 @@ from consumer import environ
 from consumer.config import Settings
 from consumer.consumer import Store
 from consumer.decode import Result
-from consumer.errors import RejectedEnviron
+from consumer.errors import NoSavedEnviron, RejectedEnviron
 from oioioi.workers.dispatch import get_dispatcher
 from oioioi.workers.models import DeliveryAttempt, ReceivedResult
 from oioioi.workers.resume import delay_environs
@@ -47,17 +47,21 @@ _STRIPPED_FIELDS = ("recipe", "error_handlers")
 
 
 def check_environ(env: Mapping[str, Any]) -> None:
-    """Refuse, as permanent, an environ that ``delay_environ`` could never apply."""
+    """Refuse, as permanent, an environ that ``delay_environ`` could never apply, or would
+    apply as no result should be: one that resumes no job."""
     job_id = env.get("job_id")
     if not isinstance(job_id, str) or not job_id:
         raise RejectedEnviron("environ has no 'job_id'")
-    if "saved_environ_id" in env:
-        saved_id = env["saved_environ_id"]
-        if isinstance(saved_id, bool) or not isinstance(saved_id, int):
-            raise RejectedEnviron(f"'saved_environ_id' must be an integer, not {saved_id!r}")
-        for field in _STRIPPED_FIELDS:
-            if field in env:
-                raise RejectedEnviron(f"a resuming environ must not contain {field!r}")
+    saved_id = env.get("saved_environ_id")
+    if saved_id is None:
+        # delay_environ would queue it as a new job, whose recipe then fails: a worker's result
+        # always answers a transfer, and names the environ the transfer saved.
+        raise NoSavedEnviron("environ has no 'saved_environ_id'")
+    if isinstance(saved_id, bool) or not isinstance(saved_id, int):
+        raise RejectedEnviron(f"'saved_environ_id' must be an integer, not {saved_id!r}")
+    for field in _STRIPPED_FIELDS:
+        if field in env:
+            raise RejectedEnviron(f"a resuming environ must not contain {field!r}")
 
 
 def _int_or_none(value: Any) -> int | None:

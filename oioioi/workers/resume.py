@@ -13,6 +13,9 @@ for ever.
 It uses upstream's tables and restore functions as they are, with a few statements for the whole
 list. Where sharing statements could change an outcome (two environs of one job in a list) the
 environs are queued one after another, each seeing what the one before did.
+
+One thing it does differently: an environ whose ``saved_environ_id`` is the saved environ of
+another job is refused (upstream resumes that other job with it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from django.utils.module_loading import import_string
 
 from consumer import environ
 from consumer.environ import RawEnviron
+from consumer.errors import MismatchedEnviron
 from oioioi.evalmgr.models import SavedEnviron
 from oioioi.workers.dispatch import Dispatcher, get_dispatcher
 from oioioi.workers.jobs import CANCELLED, distinct_jobs, lock_jobs, set_states
@@ -43,20 +47,43 @@ MERGING_RESTORE_FUNCS = frozenset({"oioioi.sioworkers.handlers.restore_job"})
 Environ = MutableMapping[str, Any]
 
 
-def _take_saved_environs(ids: Collection[int]) -> dict[int, str]:
-    """Lock the saved environs (in id order), delete them, and return their JSON by id."""
+def _lock_saved_environs(ids: Collection[int]) -> dict[int, tuple[str, str]]:
+    """Lock the saved environs (in id order); returns each one's job id and JSON by id."""
     if not ids:
         return {}
-    rows = select_in(SavedEnviron, ["id", "environ"], "id", sorted(set(ids)), lock=True)
-    taken: dict[int, str] = {pk: text for pk, text in rows}
-    if not taken:
-        return taken
+    rows = select_in(
+        SavedEnviron, ["id", "queued_job", "environ"], "id", sorted(set(ids)), lock=True
+    )
+    return {pk: (job_id, text) for pk, job_id, text in rows}
+
+
+def _refuse_mismatches(environs: Sequence[Environ], saved: Mapping[int, tuple[str, str]]) -> None:
+    """Raise :class:`~consumer.errors.MismatchedEnviron` for the first environ whose saved
+    environ is another job's, before anything is changed.
+
+    Upstream's ``_resume_job`` would merge such a result into the other job's environ and queue
+    that job, leaving the named one waiting for ever without its saved environ. A saved environ
+    that is gone is not refused: the job was resumed already (or deleted), as upstream says.
+    """
+    for env in environs:
+        if "saved_environ_id" not in env:
+            continue
+        found = saved.get(env["saved_environ_id"])
+        if found is not None and found[0] != env.get("job_id"):
+            raise MismatchedEnviron(
+                f"'saved_environ_id' {env['saved_environ_id']!r} is the saved environ of job "
+                f"{found[0]!r}, not of {env.get('job_id')!r}"
+            )
+
+
+def _delete_saved_environs(ids: Collection[int]) -> None:
+    if not ids:
+        return
     if can_delete_plainly(SavedEnviron):
-        delete_in(SavedEnviron, "id", list(taken))
+        delete_in(SavedEnviron, "id", list(ids))
     else:
-        for part in chunks(sorted(taken)):
+        for part in chunks(sorted(ids)):
             SavedEnviron.objects.filter(id__in=part).delete()
-    return taken
 
 
 @require_transaction
@@ -65,14 +92,19 @@ def delay_environs(environs: Sequence[Environ], *, run_here: bool = False) -> li
 
     Returns the hand-off's handle for each (also written to the job's ``celery_task_id``), or None
     where the job was already resumed or was cancelled. Like ``delay_environ`` it pops
-    ``saved_environ_id`` from the environs it is given. ``run_here`` tells the dispatcher that the
-    caller runs the recipes itself after the commit (:meth:`~oioioi.workers.dispatch.Dispatcher.
-    run_pending`).
+    ``saved_environ_id`` from the environs it is given. Unlike it, it refuses an environ whose
+    ``saved_environ_id`` is another job's saved environ: it raises
+    :class:`~consumer.errors.MismatchedEnviron` before changing anything (the caller's transaction
+    is then to be rolled back). ``run_here`` tells the dispatcher that the caller runs the recipes
+    itself after the commit (:meth:`~oioioi.workers.dispatch.Dispatcher.run_pending`).
     """
     results: list[str | None] = [None] * len(environs)
-    saved = _take_saved_environs(
+    locked = _lock_saved_environs(
         [env["saved_environ_id"] for env in environs if "saved_environ_id" in env]
     )
+    _refuse_mismatches(environs, locked)
+    _delete_saved_environs(locked)
+    saved = {pk: text for pk, (_, text) in locked.items()}
     resumed: list[tuple[int, Environ]] = []
     for i, env in enumerate(environs):
         if "saved_environ_id" in env:

@@ -72,6 +72,12 @@ def test_a_parked_job_is_resumed_through_the_queue_and_finished_by_celery(
         pytest.param(
             b'{"workers_jobs.results": {"job0": {}}}', "rejected", "no 'job_id'", id="no-job-id"
         ),
+        pytest.param(
+            b'{"workers_jobs.results": {"job0": {}}, "job_id": "j"}',
+            "no-saved-environ",
+            "no 'saved_environ_id'",
+            id="no-saved-environ",
+        ),
     ],
 )
 def test_a_poison_message_is_dead_lettered_with_its_reason(
@@ -90,6 +96,46 @@ def test_a_poison_message_is_dead_lettered_with_its_reason(
     assert broker.depth(run_settings.queue) == 0
     assert not ReceivedResult.objects.exists()
     assert consumer.alive()
+    assert consumer.stop() == 0
+
+
+def test_a_mismatched_result_is_dead_lettered_and_both_jobs_it_named_wait_on(
+    start_worker, start_consumer, park_job, broker, run_settings
+):
+    worker = start_worker()
+    # Given three jobs parked by upstream's evaluation manager, and a result for the first that
+    # names the second's saved environ, published with the third's result
+    named, other, third = (park_job() for _ in range(3))
+    sent = {env["job_id"]: sent_group(env["job_id"]) for env in (named, other, third)}
+    bad = sioworkersd_result(sent[named["job_id"]])
+    bad["saved_environ_id"] = sent[other["job_id"]]["saved_environ_id"]
+    publish(bad, run_settings)
+    publish(sioworkersd_result(sent[third["job_id"]]), run_settings)
+    # When the consumer takes them
+    consumer = start_consumer()
+    # Then the third job finishes, and the bad result is dead-lettered as a mismatch
+    wait_until(job_finished(third["job_id"]), what="the third job to finish")
+    broker.wait_depth(run_settings.dead_letter_queue, 1)
+    [(props, dead_body)] = broker.drain(run_settings.dead_letter_queue)
+    assert json.loads(dead_body) == bad
+    assert props.headers["x-oioioi-reason"] == "mismatch"
+    assert other["job_id"] in props.headers["x-oioioi-error"]
+    # And both jobs it named still wait, each with its own saved environ in upstream's table
+    for env in (named, other):
+        job = QueuedJob.objects.get(job_id=env["job_id"])
+        assert job.state == "WAITING"
+        saved_id = sent[env["job_id"]]["saved_environ_id"]
+        assert SavedEnviron.objects.filter(pk=saved_id, queued_job=job).exists()
+        assert not StepLog.objects.filter(job_id=env["job_id"]).exists()
+    assert list(ReceivedResult.objects.values_list("job_id", flat=True)) == [third["job_id"]]
+    # And their own results still resume them, once each, in the Celery worker
+    for env in (named, other):
+        publish(sioworkersd_result(sent[env["job_id"]]), run_settings)
+    for env in (named, other):
+        wait_until(job_finished(env["job_id"]), what="a job the bad result named to finish")
+        assert steps(env["job_id"]) == [("after-results", worker.pid)]
+    broker.wait_depth(run_settings.queue, 0)
+    assert broker.depth(run_settings.dead_letter_queue) == 0
     assert consumer.stop() == 0
 
 
