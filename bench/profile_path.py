@@ -179,7 +179,11 @@ def fill_batch(transport: Any, settings: Any, left: int) -> list[Any]:
         room = settings.batch_bytes - size
         if batch and room < len(batch[-1].body):
             break
-        got = transport.receive(min(left, settings.batch_size) - len(batch), 1.0, room)
+        # A short wait once the batch has begun: what the prefetch lets in is there already.
+        wait = 0.05 if batch else 1.0
+        got = transport.receive(min(left, settings.batch_size) - len(batch), wait, room)
+        if batch and not got:
+            break  # the prefetch holds no more than this (large results)
         batch.extend(got)
         size += sum(len(d.body) for d in got)
     return batch

@@ -29,7 +29,7 @@ next :meth:`~Dispatcher.run_pending`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from django.db import transaction
@@ -139,30 +139,6 @@ class DurableDispatcher(Dispatcher):
 # --- running in this process ---------------------------------------------------------------------
 
 
-#: How many bytes of environ JSON one set of runs of a batch may have between them: the runner
-#: holds its environs decoded (about three times their JSON), so a batch of large ones is run one
-#: or a few at a time, keeping the consumer's memory within about a batch's bytes
-#: (RESULTS_BATCH_BYTES); a batch of small ones is still run as one set.
-RUN_GROUP_BYTES = 2**20
-
-
-def _by_bytes(
-    environs: dict[int, tuple[bytes, dict[str, Any] | None]], limit: int
-) -> Iterator[dict[int, tuple[bytes, dict[str, Any] | None]]]:
-    """Consecutive parts of ``environs`` of at most ``limit`` bytes of JSON (at least one run
-    each), each taken out of ``environs`` as it is handed out."""
-    while environs:
-        group: dict[int, tuple[bytes, dict[str, Any] | None]] = {}
-        size = 0
-        for pk in list(environs):
-            length = len(environs[pk][0])
-            if group and size + length > limit:
-                break
-            group[pk] = environs.pop(pk)
-            size += length
-        yield group
-
-
 class LocalDispatcher(DurableDispatcher):
     """Durable hand-off; runs the recipes in this process, after the caller's commit and ack.
 
@@ -211,16 +187,12 @@ class LocalDispatcher(DurableDispatcher):
             self._held.pop(pk, None)
             self._execute(pk, ClaimedRun(pk, token), environ, 0)
 
-        ran = 0
-        for group in _by_bytes(environs, RUN_GROUP_BYTES):
-            texts = {pk: text for pk, (text, _) in group.items()}
-            parsed = {pk: env for pk, (_, env) in group.items() if env is not None}
-            del group
-            ran += run_recipes(texts, ClaimedBatch(token), alone, parsed=parsed)
-            for pk in texts:
-                if pk not in done_alone:
-                    self._held.pop(pk, None)
-            del texts, parsed
+        texts = {pk: text for pk, (text, _) in environs.items()}
+        parsed = {pk: env for pk, (_, env) in environs.items() if env is not None}
+        ran = run_recipes(texts, ClaimedBatch(token), alone, parsed=parsed)
+        for pk in environs:
+            if pk not in done_alone:
+                self._held.pop(pk, None)
         return ran
 
     def _hold(self, pk: int, token: str | None, stops: int) -> None:

@@ -17,7 +17,6 @@ that did nothing wrong), and the run stays for a retry.
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import logging
 import pprint
@@ -31,7 +30,7 @@ from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from consumer.environ import loads
+from consumer.environ import RawEnviron, loads, parse
 from oioioi.evalmgr.models import SavedEnviron
 from oioioi.workers.jobs import delete_jobs, distinct_jobs, mark_jobs_state
 from oioioi.workers.sql import insert_rows
@@ -140,7 +139,7 @@ def run_error_handlers(env: dict[str, Any], exc_info: ExcInfo) -> dict[str, Any]
     return env
 
 
-def _can_start(env: dict[str, Any]) -> bool:
+def _can_start(env: Mapping[str, Any]) -> bool:
     """Whether ``evalmgr_job`` would run a phase of ``env`` rather than fail it at once."""
     return "job_id" in env and "recipe" in env and "error" not in env
 
@@ -264,30 +263,24 @@ def run_recipes(
     runs stay claimed for the caller to retry.
     """
     load_controllers()
-    # The batch's environs live until its last round: tens of thousands of lists and dicts per
-    # large environ, which each collection of the cyclic garbage collector would walk through
-    # again, for garbage that cannot be there (a tenth of a runner's time on large environs).
-    # They are made with the collector paused, and kept out of its generations until the end.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        decoded = {
-            key: parsed[key] if parsed is not None and key in parsed else loads(text)
-            for key, text in environs.items()
-        }
-        gc.freeze()
-    finally:
-        if enabled:
-            gc.enable()
-    try:
-        return _run_decoded(environs, decoded, runs, alone)
-    finally:
-        gc.unfreeze()
+    # Read at their top level only: a job's environ is decoded whole just before its phase runs
+    # and let go after it, so that the runner holds one decoded environ at a time (three times
+    # its JSON) rather than the whole batch's.
+    decoded = {
+        key: parsed[key] if parsed is not None and key in parsed else parse(text)
+        for key, text in environs.items()
+    }
+    return _run_decoded(environs, decoded, runs, alone)
+
+
+def _whole(env: Mapping[str, Any]) -> dict[str, Any]:
+    """An environ read at its top level decoded whole (the runner's to change); a dict as it is."""
+    return env.to_dict() if isinstance(env, RawEnviron) else env  # type: ignore[return-value]
 
 
 def _run_decoded(
     environs: Mapping[K, str | bytes],
-    decoded: dict[K, dict[str, Any]],
+    decoded: dict[K, Mapping[str, Any]],
     runs: Runs[K],
     alone: Callable[[K, dict[str, Any]], None],
 ) -> int:
@@ -298,17 +291,17 @@ def _run_decoded(
         ran += 1
         alone(key, env)
 
-    ready: dict[K, dict[str, Any]] = {}
+    ready: dict[K, Mapping[str, Any]] = {}
     for key, env in decoded.items():
         if _can_start(env):
             ready[key] = env
         else:
-            on_its_own(key, env)
+            on_its_own(key, _whole(env))
     if not ready:
         return ran
     if not distinct_jobs(list(ready.values())):
         for key, env in ready.items():
-            on_its_own(key, env)
+            on_its_own(key, _whole(env))
         return ran
     snapshot: Mapping[K, str | bytes] = {key: environs[key] for key in ready}
     try:
@@ -332,7 +325,9 @@ def _run_decoded(
     ran += len(order)
     for key in cancelled:
         log.info("Job %r was cancelled; its run ended.", ready[key]["job_id"])
-    active = {key: ready[key] for key in order if key not in set(cancelled)}
+    active: dict[K, Mapping[str, Any]] = {
+        key: ready[key] for key in order if key not in set(cancelled)
+    }
     while active:
         try:
             active, snapshot, transfers = _round(active, snapshot, runs)
@@ -363,22 +358,30 @@ def _lost(wanted: Collection[Any], kept: Collection[Any]) -> None:
 
 
 def _round(
-    active: dict[K, dict[str, Any]], snapshot: Mapping[K, str | bytes], runs: Runs[K]
+    active: dict[K, Mapping[str, Any]], snapshot: Mapping[K, str | bytes], runs: Runs[K]
 ) -> tuple[
-    dict[K, dict[str, Any]], Mapping[K, str | bytes], list[tuple[dict[str, Any], dict[str, Any]]]
+    dict[K, Mapping[str, Any]],
+    Mapping[K, str | bytes],
+    list[tuple[dict[str, Any], dict[str, Any]]],
 ]:
     """One phase of each job, committed together: returns the jobs that go on (and their
     checkpoints), and the transfers to make now that the jobs are parked."""
     with transaction.atomic():
         kept = runs.keep(active)
         _lost(active, kept)
-        going: dict[K, dict[str, Any]] = {}
+        going: dict[K, Mapping[str, Any]] = {}
+        texts: dict[K, str] = {}
         finished: list[K] = []
         moving: dict[K, tuple[dict[str, Any], dict[str, Any]]] = {}
         for key in active:
             if key not in kept:
                 continue
-            env = active[key]
+            # Decoded whole from its text in one go (the garbage collector paused for it).
+            held = active[key]
+            env: dict[str, Any] = (
+                loads(snapshot[key]) if isinstance(held, RawEnviron) else _whole(held)
+            )
+            del held
             recipe = env.get("recipe")
             if recipe:
                 env["recipe"] = recipe[1:]
@@ -387,9 +390,12 @@ def _round(
                 # Saved without ``transfer``, as evalmgr_job saves it.
                 moving[key] = (env, env.pop("transfer"))
             elif env.get("recipe"):
-                going[key] = env
+                # Its checkpoint, and the next round reads it back from that text.
+                texts[key] = json.dumps(env)
+                going[key] = parse(texts[key])
             else:
                 finished.append(key)
+            del env
         if finished:
             delete_jobs([active[key]["job_id"] for key in finished])
         transfers: list[tuple[dict[str, Any], dict[str, Any]]] = []
@@ -407,7 +413,6 @@ def _round(
                     log.info("Job %r was cancelled; its run ended.", moving[key][0]["job_id"])
         if finished or moving:
             runs.finish([*finished, *moving])
-        texts = {key: json.dumps(env) for key, env in going.items()}
         if texts:
             runs.checkpoint(texts)
     return going, texts, transfers
