@@ -378,6 +378,59 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         )
     else:
         line(False, "memory: not measured")
+    lines.extend(real_size_verdicts(results))
+    return lines
+
+
+#: Real-size targets: the drain with recipes against the best legacy, by database and size.
+REAL_SIZE_DRAIN = {
+    ("postgresql", "small"): 8.0,
+    ("postgresql", "typical"): 4.0,
+    ("postgresql", "large"): 3.0,
+    ("sqlite", "large"): 2.0,
+}
+SHIM_TYPICAL_VS_LEGACY = 4.0
+SHIM_TYPICAL_P99_MS = 100.0
+
+
+def real_size_verdicts(results: dict[str, Any]) -> list[str]:
+    """The targets on results of real size: the drain by size, the shim on 100-test bodies, and
+    the consumer's peak memory on large environs (within 2x RESULTS_BATCH_BYTES of its idle)."""
+    lines = []
+    db = results.get("db", "")
+
+    def line(ok: bool, text: str) -> None:
+        lines.append(f"- {'met' if ok else 'NOT met'}: {text}")
+
+    for (vendor, size), target in REAL_SIZE_DRAIN.items():
+        if vendor != db or not results.get("drain", {}).get(size):
+            continue
+        legacy = best_legacy_rps(results, size)
+        drain = _m(results["drain"][size], "rate")
+        ratio = drain / legacy if legacy else math.nan
+        line(
+            ratio >= target,
+            f"{size} drain with recipes {_fmt(drain)}/s = {_fmt(ratio, 1)}x the best legacy "
+            f"{_fmt(legacy)} req/s (target ≥ {target:.0f}x)",
+        )
+    shim_runs = results.get("shim", {}).get("typical", {}).get("8", [])
+    if db == "postgresql" and shim_runs:
+        legacy = best_legacy_rps(results, "typical")
+        rps, p99 = _m(shim_runs, "rps"), _m(shim_runs, "p99_ms")
+        ratio = rps / legacy if legacy else math.nan
+        line(
+            ratio >= SHIM_TYPICAL_VS_LEGACY and p99 < SHIM_TYPICAL_P99_MS,
+            f"shim with 8 clients, typical bodies: {_fmt(rps)} req/s = {_fmt(ratio, 1)}x legacy "
+            f"(target ≥ {SHIM_TYPICAL_VS_LEGACY:.0f}x), p99 {_fmt(p99, 1)} ms "
+            f"(target < {SHIM_TYPICAL_P99_MS:.0f})",
+        )
+    big = results.get("memory_large")
+    if big:
+        line(
+            big["growth_kib"] * 1024 <= 2 * big["batch_bytes"],
+            f"peak RSS draining large environs {big['growth_kib'] / 1024:+.1f} MiB over idle "
+            f"(target within 2x RESULTS_BATCH_BYTES = {2 * big['batch_bytes'] / 2**20:.0f} MiB)",
+        )
     return lines
 
 
