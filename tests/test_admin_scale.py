@@ -25,7 +25,7 @@ from tests.browser import kept_screenshot_path
 from tests.conftest import BrokerClient
 from tests.test_admin_pages import browser, log_in, make_user, page  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.both_databases]
 
 TOTAL = 10_000
 REPLAYED = 5_000

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 #: Most dead letters one archiver step of the consumer moves (the consumer's batches wait while
 #: it runs: about a second's worth).
-ARCHIVE_STEP_LIMIT = 2000
+ARCHIVE_STEP_LIMIT = 1000
 
 #: Seconds any broker call of the pages and commands may take (the status panel's timeout).
 BROKER_CALL_TIMEOUT = 2 * CONNECT_TIMEOUT

@@ -21,7 +21,7 @@ from pika.adapters.utils.connection_workflow import (
 from consumer.config import Settings
 from consumer.errors import ConnectionClosed
 from consumer.redact import redact_text
-from consumer.transport import CONNECTION_ERRORS, connect
+from consumer.transport import CONNECTION_ERRORS, connect, within
 from oioioi.evalmgr.models import QueuedJob
 from oioioi.workers.conf import setting
 
@@ -88,21 +88,10 @@ def broker_status(settings: Settings) -> BrokerStatus:
         log.warning("Operator panel: the broker is unreachable (%s).", e)
         return BrokerStatus(error=_describe(e))
     try:
-        queues = []
-        for role, name in roles:
-            channel = connection.channel()
-            try:
-                # Passive: only asks, never creates a queue with the wrong arguments.
-                ok = channel.queue_declare(name, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as e:
-                if e.reply_code != 404:
-                    raise
-                queues.append(QueueStatus(name, role, None, None))
-                continue
-            queues.append(
-                QueueStatus(name, role, ok.method.message_count, ok.method.consumer_count)
-            )
-            channel.close()
+        queues: list[QueueStatus] = []
+        # Each call after the handshake as well: a broker that stops answering costs seconds.
+        with within(connection, _parameters_timeout()):
+            _ask(connection, roles, queues)
         return BrokerStatus(queues=queues)
     except _BROKER_ERRORS as e:
         log.warning("Operator panel: the broker stopped answering (%s).", type(e).__name__)
@@ -115,10 +104,29 @@ def broker_status(settings: Settings) -> BrokerStatus:
             log.debug("Error while closing the status connection.", exc_info=True)
 
 
+def _ask(
+    connection: pika.BlockingConnection, roles: list[tuple[str, str]], queues: list[QueueStatus]
+) -> None:
+    for role, name in roles:
+        channel = connection.channel()
+        try:
+            # Passive: only asks, never creates a queue with the wrong arguments.
+            ok = channel.queue_declare(name, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code != 404:
+                raise
+            queues.append(QueueStatus(name, role, None, None))
+            continue
+        queues.append(QueueStatus(name, role, ok.method.message_count, ok.method.consumer_count))
+        channel.close()
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, AMQPConnectorStackTimeout):
         return f"no answer from the broker within {_parameters_timeout():.0f} s"
     if isinstance(error, ConnectionClosed):
+        return redact_text(str(error))[:300]
+    if "no answer from the broker within" in str(error):
         return redact_text(str(error))[:300]
     text = redact_text(str(error).strip()) or type(error).__name__
     return f"{type(error).__name__}: {text}"[:300]

@@ -27,6 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlencode
 
 import pika
 import pytest
@@ -42,7 +43,7 @@ from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.evalmgr.tasks import create_environ, evalmgr_job, transfer_job
 from oioioi.evalmgr.utils import mark_job_state
 from oioioi.workers.conf import consumer_settings
-from oioioi.workers.models import PendingRun, ReceivedResult
+from oioioi.workers.models import DeadLetter, PendingRun, ReceivedResult
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -190,6 +191,8 @@ def consumer(queues: Any, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
         "RESULTS_E2E_RUN": RUN,
         "RESULTS_E2E_DATABASE": connection.settings_dict["NAME"],
         "PYTHONUNBUFFERED": "1",
+        # The consumer moves its dead letters into the database, where these pages list them.
+        "RESULTS_DEAD_LETTER_ARCHIVE": "true",
     }
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -317,7 +320,17 @@ def messages_text(page: Any) -> str:
 
 
 def dead_letter_row(page: Any, text: str) -> Any:
-    return page.locator("tr.deadletter-row", has_text=text)
+    return page.locator("#result_list tbody tr", has_text=text)
+
+
+def run_action(page: Any, action: str) -> None:
+    """Run a dead-letter action on the rows ticked (OIOIOI's action bar), to its confirmation."""
+    page.select_option("select[name=action]", action)
+    follow(page, "button[name=index]")
+
+
+def waiting_dead_letters() -> int:
+    return DeadLetter.objects.unsettled().count()
 
 
 def result_rows(page: Any) -> Any:
@@ -341,7 +354,9 @@ def test_operator_works_the_return_path_from_oioioi_system_admin_menu(page, queu
     result = result_for(sent)
     publish(result, queues)
     publish(b"\x80 not json", queues)
-    wait_until(lambda: depth(queues, queues.dead_letter_queue) == 2, "two dead letters")
+    # ... and moved by the consumer from the broker's dead-letter queue into the database
+    wait_until(lambda: waiting_dead_letters() == 2, "two dead letters in the database")
+    wait_until(lambda: depth(queues, queues.dead_letter_queue) == 0, "the dead-letter queue moved")
     make_user("root", superuser=True)
 
     # When an OIOIOI superuser logs in, the system-admin menu has the return path's pages
@@ -374,18 +389,21 @@ def test_operator_works_the_return_path_from_oioioi_system_admin_menu(page, queu
     assert f"/admin/evalmgr/queuedjob/{quote(job_id)}/" in page.url
     assert "queued job" in page.inner_text("#content").lower()
 
-    # The dead letters, from the menu: both, with their reasons; reading consumes nothing
+    # The dead letters, from the menu: both, with their reasons and counts; a search by job id
     open_from_menu(page, "Dead letters")
-    assert page.locator("tr.deadletter-row").count() == 2
+    assert result_rows(page).count() == 2
     assert "undecodable" in page.inner_text("#result_list")
+    assert "all (2)" in page.inner_text("#reason-filter")
     failed = dead_letter_row(page, job_id[:20])
     assert failed.count() == 1
     shoot(page, "deadletter-list")
-    follow(page, failed.locator("th a"))
+    page.goto("/admin/workers/deadletter/?" + urlencode({"q": job_id}))
+    assert result_rows(page).count() == 1
+    follow(page, dead_letter_row(page, job_id[:20]).locator("a").first)
     assert "no_such_restore_function" in page.inner_text("#detail-traceback")
     assert f'"job_id": "{job_id}"' in page.inner_text("#detail-body")
     shoot(page, "deadletter-detail")
-    assert depth(queues, queues.dead_letter_queue) == 2
+    assert waiting_dead_letters() == 2
 
     # The bug is fixed; the operator replays the result, after a confirmation
     saved = SavedEnviron.objects.get(queued_job_id=job_id)
@@ -394,13 +412,14 @@ def test_operator_works_the_return_path_from_oioioi_system_admin_menu(page, queu
     saved.environ = json.dumps(environ)
     saved.save()
     open_from_menu(page, "Dead letters")
-    dead_letter_row(page, job_id[:20]).locator("input[name=ids]").check()
-    follow(page, "#replay-selected")
+    dead_letter_row(page, job_id[:20]).locator("input[name=_selected_action]").check()
+    run_action(page, "replay_selected")
     assert "Replay this message?" in page.inner_text("#confirm-question")
     shoot(page, "deadletter-confirm-replay")
-    assert depth(queues, queues.dead_letter_queue) == 2
+    assert waiting_dead_letters() == 2
     follow(page, "#confirm-yes")
-    assert "Replayed 1 message" in messages_text(page)
+    page.wait_for_selector("body[data-replay-finished=yes]", timeout=60_000)
+    assert "Done: 1 of 1 replayed." in page.inner_text("#replay-done")
     shoot(page, "deadletter-after-replay")
 
     # Then the consumer resumes the job through upstream's delay_environ: the inbox says so, and
@@ -410,7 +429,7 @@ def test_operator_works_the_return_path_from_oioioi_system_admin_menu(page, queu
         "the replayed result to resume the job",
     )
     assert not SavedEnviron.objects.filter(queued_job_id=job_id).exists()
-    assert depth(queues, queues.dead_letter_queue) == 1
+    assert waiting_dead_letters() == 1
     open_from_menu(page, "Received results")
     assert result_rows(page).count() == 1
     row = result_rows(page).first
@@ -447,12 +466,13 @@ def test_operator_works_the_return_path_from_oioioi_system_admin_menu(page, queu
 
     # Discarding the garbage empties the dead-letter queue
     open_from_menu(page, "Dead letters")
-    dead_letter_row(page, "undecodable").locator("input[name=ids]").check()
-    follow(page, "#discard-selected")
+    dead_letter_row(page, "undecodable").locator("input[name=_selected_action]").check()
+    run_action(page, "discard_selected")
     assert "Discard" in page.inner_text("#confirm-question")
     follow(page, "#confirm-yes")
     assert "Discarded 1 message" in messages_text(page)
-    assert page.locator("#deadletters-empty").is_visible()
+    assert result_rows(page).count() == 0
+    assert waiting_dead_letters() == 0
     assert depth(queues, queues.dead_letter_queue) == 0
     shoot(page, "deadletter-empty")
 
@@ -474,10 +494,11 @@ def test_oioioi_lets_every_active_user_into_its_admin_but_only_operators_into_th
     )
     make_user("contestant")
     make_user("operator", *OPERATOR_PERMISSIONS)
+    letter = DeadLetter.objects.create(letter_id="dl-1", reason="failed", body=b"{}", size=2)
     pages = [
         "/admin/workers/deadletterqueue/status/",
-        "/admin/workers/deadletterqueue/",
-        "/admin/workers/deadletterqueue/0123456789abcdef/",
+        "/admin/workers/deadletter/",
+        f"/admin/workers/deadletter/{letter.pk}/change/",
         "/admin/workers/receivedresult/",
         f"/admin/workers/receivedresult/{result.pk}/change/",
         "/admin/workers/pendingrun/",
@@ -495,13 +516,27 @@ def test_oioioi_lets_every_active_user_into_its_admin_but_only_operators_into_th
     page.goto("/admin/")
     for text in MENU:
         assert menu_link(page, text).count() == 0, text
+    body = f"/admin/workers/deadletter/{letter.pk}/body/"
+    assert page.request.get(body).status == 403
     response = post_form(
         page,
-        "/admin/workers/deadletterqueue/confirm/",
-        {"action": "discard", "ids": "0123", "confirmed": "yes"},
+        "/admin/workers/deadletter/replay/",
+        {"select_across": "1", "upto": str(letter.pk)},
     )
     assert response.status == 403
     assert "CSRF" not in response.text()
+    post_form(
+        page,
+        "/admin/workers/deadletter/",
+        {
+            "action": "discard_selected",
+            "_selected_action": str(letter.pk),
+            "select_across": "0",
+            "post": "yes",
+            "upto": str(letter.pk),
+        },
+    )
+    assert waiting_dead_letters() == 1
 
     # An operator who is not a superuser (OIOIOI shows its system-admin menu to superusers only)
     # is let into every page by its permissions
@@ -510,6 +545,8 @@ def test_oioioi_lets_every_active_user_into_its_admin_but_only_operators_into_th
     for url in pages:
         response = page.goto(url)
         assert response.status == 200, url
+    download = page.request.get(body)
+    assert download.status == 200 and download.body() == b"{}"
     page.goto("/admin/workers/deadletterqueue/status/")
     assert page.locator("#workers-status").is_visible()
     assert sent["job_id"] in page.inner_text("#status-oldest")
