@@ -1,6 +1,10 @@
-"""The dead-letter queue, for operators: see what is in it, replay it, discard it, purge it.
+"""The dead-letter queue, for operators: move it into an archive, see it, replay it, discard it.
 
-Every operation here is one pass over the queue from its head, on one channel in confirm mode,
+:func:`archive` moves dead letters into a store the caller gives (the Django side's database
+table), committed first, acked after; :class:`Republisher` sends archived ones back. The operator
+pages and commands work on that archive. The functions below them work on the queue itself:
+
+Every pass over the queue goes from its head, on one channel in confirm mode,
 bounded by the queue's depth when the pass starts (messages dead-lettered meanwhile, a replayed
 message failing again among them, wait for the next pass; without the bound a replay of a message
 that still fails would chase it round forever). Each message taken is settled in exactly one way:

@@ -84,8 +84,8 @@ class DeliveryAttempt(models.Model):
 
 
 class DeadLetterQueue(models.Model):
-    """No table: the dead-letter queue lives in the broker. This model carries the permissions
-    of the operator pages and gives the queue its place in the Django admin."""
+    """No table: the dead-letter queue lives in the broker (its messages are moved into
+    :class:`DeadLetter`). This model carries the permissions of the operator pages."""
 
     class Meta:
         managed = False
