@@ -283,6 +283,8 @@ def test_a_replay_the_broker_refuses_leaves_the_message_in_the_dead_letters(
     # Then the page says it was refused and kept; the message is still a dead letter
     assert "Done: 0 of 1 replayed, 1 kept." in summary
     assert "1 refused by the broker (kept here)" in page.inner_text("#replay-progress")
+    assert page.locator("#replay-failures").is_visible()
+    assert "Refused by the broker, kept" in page.inner_text("#replay-failures")
     shoot(page, "deadletter-replay-refused")
     page.goto("/admin/workers/deadletter/")
     assert dead_letter_row(page, "keep-me").count() == 1

@@ -200,6 +200,7 @@ def test_ten_thousand_dead_letters(page, project_queues, broker: BrokerClient): 
         time.sleep(0.05)
     timings["replay 5000"] = time.monotonic() - started
     assert f"Done: {REPLAYED} of {REPLAYED} replayed." in page.inner_text("#replay-summary")
+    assert not page.locator("#replay-failures").is_visible()
     midway = [t for t in seen if t.startswith("Replayed ") and not t.startswith("Replayed 0 ")]
     assert any(f" of {REPLAYED}." in t and f"Replayed {REPLAYED} " not in t for t in midway), seen
     shoot(page, "deadletters-10000-replay-done")
