@@ -73,6 +73,19 @@ _MAX_PARSED_BODY = 16 * 1024 * 1024
 Progress = Callable[[int, int], None]
 
 
+def _must_exist(channel: BlockingChannel, kind: str, name: str, what: str) -> Any:
+    """A passive declare of the queue or exchange ``name`` (nothing is created: a wrong name must
+    not look like an empty queue); :class:`TopologyMissing` if the broker has none. The channel
+    is closed by a refusal."""
+    declare = channel.queue_declare if kind == "queue" else channel.exchange_declare
+    try:
+        return declare(name, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code == 404:
+            raise TopologyMissing(f"{what} {name!r} does not exist on the broker") from None
+        raise
+
+
 class TopologyMissing(ConsumerError):
     """Raised when the dead-letter queue or the results exchange does not exist on the broker."""
 
@@ -398,14 +411,7 @@ class _Pass:
             # A passive declare that fails closes its channel, so it gets one of its own; and
             # nothing is created here: a wrong queue name must not look like an empty queue.
             probe = self._connection.channel()
-            try:
-                probe.queue_declare(self.queue, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as e:
-                if e.reply_code == 404:
-                    raise TopologyMissing(
-                        f"the dead-letter queue {self.queue!r} does not exist on the broker"
-                    ) from None
-                raise
+            _must_exist(probe, "queue", self.queue, "the dead-letter queue")
             with contextlib.suppress(pika.exceptions.AMQPError):
                 probe.close()
             channel = self._connection.channel()
@@ -432,14 +438,7 @@ class _Pass:
     def check_results_exchange(self) -> None:
         with _wrapped("checking the results exchange"):
             probe = self._connection.channel()
-            try:
-                probe.exchange_declare(self.settings.exchange, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as e:
-                if e.reply_code == 404:
-                    raise TopologyMissing(
-                        f"the results exchange {self.settings.exchange!r} does not exist"
-                    ) from None
-                raise
+            _must_exist(probe, "exchange", self.settings.exchange, "the results exchange")
             with contextlib.suppress(pika.exceptions.AMQPError):
                 probe.close()
 
@@ -756,15 +755,7 @@ def archive(
         with _wrapped("archiving the dead-letter queue"):
             with within(connection, timeout):
                 channel = connection.channel()
-                try:
-                    channel.queue_declare(settings.dead_letter_queue, passive=True)
-                except pika.exceptions.ChannelClosedByBroker as e:
-                    if e.reply_code == 404:
-                        raise TopologyMissing(
-                            f"the dead-letter queue {settings.dead_letter_queue!r} does not exist "
-                            "on the broker"
-                        ) from None
-                    raise
+                _must_exist(channel, "queue", settings.dead_letter_queue, "the dead-letter queue")
             pending: list[DeadLetter] = []
             last_tag = 0
             while True:
@@ -831,14 +822,7 @@ class Republisher:
         try:
             with _wrapped("checking the results exchange"), within(self._connection, timeout):
                 probe = self._connection.channel()
-                try:
-                    probe.exchange_declare(settings.exchange, passive=True)
-                except pika.exceptions.ChannelClosedByBroker as e:
-                    if e.reply_code == 404:
-                        raise TopologyMissing(
-                            f"the results exchange {settings.exchange!r} does not exist"
-                        ) from None
-                    raise
+                _must_exist(probe, "exchange", settings.exchange, "the results exchange")
                 self._channel = self._connection.channel()
                 self._channel.confirm_delivery()
         except BaseException:
@@ -886,15 +870,7 @@ def queue_depth(
     try:
         with _wrapped("counting the dead-letter queue"), within(connection, timeout):
             channel = connection.channel()
-            try:
-                ok = channel.queue_declare(settings.dead_letter_queue, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as e:
-                if e.reply_code == 404:
-                    raise TopologyMissing(
-                        f"the dead-letter queue {settings.dead_letter_queue!r} does not exist "
-                        "on the broker"
-                    ) from None
-                raise
+            ok = _must_exist(channel, "queue", settings.dead_letter_queue, "the dead-letter queue")
             return int(ok.method.message_count)
     finally:
         try:

@@ -107,6 +107,9 @@ def archive_step(settings: Settings) -> Callable[[], None]:
         DeadLetter.objects.exists()
         try:
             archive(settings, limit=ARCHIVE_STEP_LIMIT)
+        except deadletters.TopologyMissing as e:
+            # The consumer's first step runs before it has connected and declared its queues.
+            log.info("No dead letters to archive yet: %s.", e)
         except Exception:
             log.warning(
                 "Archiving dead letters failed; they stay in the dead-letter queue.",
