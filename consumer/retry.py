@@ -26,7 +26,6 @@ def database_retrying(
     transient: tuple[type[BaseException], ...],
     shutdown: threading.Event,
     reset: Callable[[], None],
-    sleep: Callable[[float], None] | None = None,
 ) -> Retrying:
     """Retry a write on ``transient`` errors only; ``reset`` runs before each new attempt."""
     before_sleep_logger = before_sleep_log(log, logging.WARNING)
@@ -35,9 +34,6 @@ def database_retrying(
         before_sleep_logger(state)
         reset()
 
-    kwargs: dict[str, Any] = {}
-    if sleep is not None:
-        kwargs["sleep"] = sleep
     return Retrying(
         retry=retry_if_exception_type(transient),
         stop=stop_after_attempt(settings.db_retry_attempts) | stop_when_event_set(shutdown),
@@ -46,7 +42,6 @@ def database_retrying(
         ),
         before_sleep=before_sleep,
         reraise=True,
-        **kwargs,
     )
 
 
