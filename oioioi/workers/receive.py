@@ -68,22 +68,6 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _apply(result: Result) -> str:
-    env = result.env
-    check_environ(env)
-    try:
-        # The inbox row goes first, in a savepoint: on PostgreSQL a second consumer writing the
-        # same message blocks on the unique key until the first commits, then fails here before
-        # it has done anything.
-        with transaction.atomic():
-            ReceivedResult.objects.create(**_inbox_values(result, timezone.now()))
-    except IntegrityError:
-        return "duplicate"
-    if delay_environs([environ.copy(env)], run_here=True)[0] is None:
-        ReceivedResult.objects.filter(key=result.key).update(outcome="ignored")
-    return "committed"
-
-
 def _inbox_values(result: Result, now: datetime) -> dict[str, Any]:
     env = result.env
     return {
@@ -100,7 +84,7 @@ def _inbox_values(result: Result, now: datetime) -> dict[str, Any]:
 
 def _bulk_inbox() -> bool:
     """Whether the database has ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` (PostgreSQL,
-    SQLite 3.35+); others write the inbox row by row."""
+    SQLite 3.35+); others insert the inbox rows one by one."""
     features = connection.features
     return bool(
         features.can_return_rows_from_bulk_insert and features.supports_update_conflicts_with_target
@@ -108,18 +92,21 @@ def _bulk_inbox() -> bool:
 
 
 def _insert_inbox(results: Sequence[Result]) -> set[str]:
-    """Insert the batch's inbox rows, one statement per chunk; returns the keys that were new.
+    """Insert the batch's inbox rows; returns the keys that were new (a key already in the inbox,
+    or twice in the batch, is the message's second copy).
 
-    ``ON CONFLICT DO NOTHING`` skips a key that is already there. On PostgreSQL a key that another
-    transaction has inserted and not yet committed makes the statement wait for it, then skip the
-    key (or take it, if that transaction rolled back): the guarantee the row-by-row savepoints
-    gave, in one round trip. Rows go in key order, so two consumers holding overlapping batches
-    take the keys' locks in the same order and cannot deadlock on them.
+    Rows go in key order, so two consumers holding overlapping batches take the keys' locks in
+    the same order and cannot deadlock on them. On PostgreSQL a key that another transaction has
+    inserted and not yet committed makes the insert wait for it, then skip the key (or take it, if
+    that transaction rolled back): a second consumer writing the same message does nothing.
     """
     now = timezone.now()
     rows = sorted(
         {r.key: _inbox_values(r, now) for r in reversed(results)}.values(), key=lambda v: v["key"]
     )
+    if not _bulk_inbox():
+        return _insert_inbox_row_by_row(rows)
+    # One statement per chunk: ``ON CONFLICT DO NOTHING`` skips a key that is already there.
     names = list(rows[0])
     inserted = insert_returning(
         ReceivedResult,
@@ -129,6 +116,20 @@ def _insert_inbox(results: Sequence[Result]) -> set[str]:
         skip_conflicts_on="key",
     )
     return {key for (key,) in inserted}
+
+
+def _insert_inbox_row_by_row(rows: list[dict[str, Any]]) -> set[str]:
+    """The same, on databases without ``ON CONFLICT ... RETURNING``: one savepoint per row, so
+    that a key already there fails its own insert and nothing else."""
+    fresh: set[str] = set()
+    for row in rows:
+        try:
+            with transaction.atomic():
+                ReceivedResult.objects.create(**row)
+        except IntegrityError:
+            continue
+        fresh.add(row["key"])
+    return fresh
 
 
 class ReadOnlyDatabase(OperationalError):
@@ -169,8 +170,6 @@ def _read_only_is_transient(func: Callable[P, R]) -> Callable[P, R]:
 def write(results: Sequence[Result]) -> list[str]:
     """Apply results in one durable transaction; committed when this returns."""
     close_old_connections()
-    if not _bulk_inbox():
-        return _write_row_by_row(results)
     # The consumer refuses these before the batch (Store.check); checked again here so that no
     # caller can write half a batch before a refused environ fails it.
     for result in results:
@@ -190,20 +189,6 @@ def write(results: Sequence[Result]) -> list[str]:
             ignored = [r.key for r, h in zip(applied, handles, strict=True) if h is None]
             if ignored:
                 ReceivedResult.objects.filter(key__in=ignored).update(outcome="ignored")
-    return outcomes
-
-
-def _write_row_by_row(results: Sequence[Result]) -> list[str]:
-    known = set(
-        ReceivedResult.objects.filter(key__in=[r.key for r in results]).values_list(
-            "key", flat=True
-        )
-    )
-    outcomes: list[str] = []
-    with transaction.atomic(durable=True):
-        for result in results:
-            outcomes.append("duplicate" if result.key in known else _apply(result))
-            known.add(result.key)
     return outcomes
 
 
@@ -250,7 +235,10 @@ def describe(settings: Settings) -> str:
             "per batch"
         )
     else:
-        write_path = "one result at a time (no INSERT ... ON CONFLICT ... RETURNING here)"
+        write_path = (
+            f"in batches of up to {settings.batch_size} results, the inbox one row at a time "
+            "(no INSERT ... ON CONFLICT ... RETURNING here)"
+        )
     dispatcher = get_dispatcher()
     runner = getattr(dispatcher, "description", type(dispatcher).__qualname__)
     return f"Writing results {write_path} on {connection.vendor}; recipes {runner}."
