@@ -222,6 +222,33 @@ def test_a_phase_may_transfer_its_job_again(waiting_job):
     assert not QueuedJob.objects.exists() and not SavedEnviron.objects.exists()
 
 
+@pytest.mark.parametrize("error", ["bug", "database", "ignore"])
+@pytest.mark.parametrize("alone", [False, True], ids=["in-a-batch", "on-its-own"])
+def test_a_failed_transfer_forgets_its_save_and_ends_the_job_as_evalmgr_job_does(
+    waiting_job, error: str, alone: bool
+):
+    failing = waiting_job(
+        after=[("again", "tests.recipeapp.recipes.transfer_failing", {"error": error})]
+    )
+    other = waiting_job()
+    if alone:
+        # A run nobody holds: a sweep takes it and runs it on its own.
+        with transaction.atomic():
+            delay_environs([result_for(failing)])
+        get_dispatcher().run_pending()
+        write(result_for(other))
+    else:
+        write(result_for(failing), result_for(other))
+    get_dispatcher().run_pending()
+    # The transfer's save is forgotten and the run is over; as in evalmgr_job, an Ignore stops
+    # the job silently, and any other error runs its error handlers (remove_queuedjob_on_error),
+    # an error of the database too: nothing would retry a transfer whose run has ended.
+    assert not SavedEnviron.objects.exists() and not PendingRun.objects.exists()
+    left = list(QueuedJob.objects.values_list("job_id", "state"))
+    assert left == ([(failing["job_id"], "WAITING")] if error == "ignore" else [])
+    assert steps(other["job_id"]) == ["after-results"]
+
+
 def test_a_run_taken_over_between_rounds_is_left_to_its_new_runner(waiting_job):
     kept = waiting_job(after=[("record", RECORD, {"step": "one"})])
     taken = waiting_job(after=[("record", RECORD, {"step": "one"})])

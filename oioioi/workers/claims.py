@@ -8,7 +8,6 @@ and the Celery task it relayed may take its claim over.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import uuid
@@ -59,37 +58,9 @@ def takeable(now: Any) -> Q:
     return Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
 
 
-class ClaimedRun:
-    """One claimed run, for :func:`~oioioi.workers.runner.run_one`."""
-
-    def __init__(self, pk: int, token: str) -> None:
-        self.pk = pk
-        self.token = token
-        self._finished = False
-
-    def _mine(self) -> Any:
-        return PendingRun.objects.filter(pk=self.pk, claimed_by=self.token)
-
-    def checkpoint(self, environ: dict[str, Any]) -> None:
-        updated = self._mine().update(
-            environ=json.dumps(environ), claimed_until=timezone.now() + lease()
-        )
-        if not updated:
-            raise LeaseLost(f"run {self.pk} was taken over by another runner")
-
-    def finish(self) -> None:
-        if self._finished:
-            # A transfer ends its run with the job's save; a transfer call that then fails
-            # brings the runner here a second time.
-            return
-        deleted, _ = self._mine().delete()
-        if not deleted:
-            raise LeaseLost(f"run {self.pk} was taken over by another runner")
-        self._finished = True
-
-
 class ClaimedBatch:
-    """The runs of one batch claim (one token), for :func:`~oioioi.workers.runner.run_recipes`."""
+    """The runs of one batch claim (one token), for :func:`~oioioi.workers.runner.run_recipes`;
+    every method runs in the caller's transaction."""
 
     def __init__(self, token: str) -> None:
         self.token = token
@@ -116,6 +87,22 @@ class ClaimedBatch:
         delete_in(PendingRun, "id", list(keys), where={"claimed_by": self.token})
 
 
+class ClaimedRun(ClaimedBatch):
+    """One claimed run, for :func:`~oioioi.workers.runner.run_one`: the claim of a batch of one,
+    whose :meth:`keep` raises :class:`~oioioi.workers.runner.LeaseLost` once the run was taken
+    over (a batch leaves such a run out and goes on with the others)."""
+
+    def __init__(self, pk: int, token: str) -> None:
+        super().__init__(token)
+        self.pk = pk
+
+    def keep(self, keys: Collection[int]) -> set[int]:
+        kept = super().keep(keys)
+        if self.pk not in kept:
+            raise LeaseLost(f"run {self.pk} was taken over by another runner")
+        return kept
+
+
 def claim(pk: int, token: str, *, held: bool = False) -> bool:
     """Claim a run for ``token`` for the full lease (one more attempt), if nobody holds it; with
     ``held``, renew the claim ``token`` already has (not a new attempt: nothing killed its
@@ -130,6 +117,14 @@ def claim(pk: int, token: str, *, held: bool = False) -> bool:
             .filter(takeable(now) | Q(claimed_by__startswith=RELAY_PREFIX))
             .update(claimed_by=token, claimed_until=now + lease(), attempts=F("attempts") + 1)
         )
+
+
+def claim_environ(pk: int, token: str, *, held: bool = False) -> str | None:
+    """:func:`claim` a run and read its environ (JSON); None if it was not claimed, or is gone."""
+    if not claim(pk, token, held=held):
+        return None
+    text: str | None = PendingRun.objects.filter(pk=pk).values_list("environ", flat=True).first()
+    return text
 
 
 def abandoned(exclude: Collection[int], count: int) -> list[int]:

@@ -1,10 +1,14 @@
 """Running resumed recipes from durable runs: upstream's ``evalmgr_job``, checkpointed.
 
-:func:`run_one` is ``evalmgr_job(env)`` for one claimed run, with each phase committed together
-with a checkpoint of the environ, so that a runner killed between phases resumes after the last
-committed phase instead of running it again. :func:`run_recipes` does the same for many runs: a
-phase of every job at a time, each such round in one transaction with the checkpoints of all its
-jobs.
+:func:`run_recipes` runs the recipes of many claimed runs: a phase of every job at a time, each
+such round in one transaction with the checkpoints of all its jobs. :func:`run_one` is
+``evalmgr_job(env)`` for one claimed run, made of the same steps for a batch of one. Either way
+each phase is committed together with a checkpoint of the environ, so that a runner killed between
+phases resumes after the last committed phase instead of running it again. The steps are written
+once: the start (:func:`_begin`), a round (:func:`_round`) and the transfer's call after the commit
+(:func:`_hand_over`); the two differ only in what a failure does. In a batch, the jobs of a round
+that failed run again each on its own (:func:`run_one`), so that a failure is never charged to the
+jobs that shared its round; on its own, the failure is the job's, and its error handlers run.
 
 Both keep upstream's semantics for what a job sees: the same states in the same order, the same
 error handlers (run with ``exc_info``; the exception propagates unless one set ``ignore_errors``),
@@ -12,6 +16,10 @@ Celery's :class:`~celery.exceptions.Ignore` stopping a job silently, and a trans
 external system made after the environ is saved and committed. Errors of the infrastructure
 (:data:`INFRASTRUCTURE_ERRORS`) are not the job's: no error handler runs (they would delete a job
 that did nothing wrong), and the run stays for a retry.
+
+:func:`run_phase` and :func:`run_error_handlers` are upstream's private ``_run_phase`` and
+``_run_error_handlers`` (``oioioi/evalmgr/tasks.py``) written again on purpose: upstream's private
+names are no interface to import.
 """
 
 from __future__ import annotations
@@ -42,7 +50,14 @@ log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType]
 
-__all__ = ["INFRASTRUCTURE_ERRORS", "Ignore", "LeaseLost", "run_one", "run_recipes"]
+__all__ = [
+    "INFRASTRUCTURE_ERRORS",
+    "Ignore",
+    "LeaseLost",
+    "outcome_logged",
+    "run_one",
+    "run_recipes",
+]
 
 
 class LeaseLost(Exception):
@@ -56,14 +71,6 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     OperationalError,
     InterfaceError,
 )
-
-
-class Run(Protocol):
-    """A claimed durable run; its writes happen inside the caller's transaction."""
-
-    def checkpoint(self, environ: dict[str, Any]) -> None: ...
-
-    def finish(self) -> None: ...
 
 
 class Runs(Protocol[K]):
@@ -81,6 +88,13 @@ class Runs(Protocol[K]):
     def finish(self, keys: Collection[K]) -> None:
         """End the runs (their jobs finished, were transferred or were cancelled)."""
         ...
+
+
+class Run(Runs[K], Protocol[K]):
+    """One claimed durable run, the runs of a batch of one: its key is ``pk``, and its
+    :meth:`keep` raises :class:`LeaseLost` once the run was taken over."""
+
+    pk: K
 
 
 _controllers_loaded = False
@@ -169,7 +183,7 @@ def _save_environs(environs: list[dict[str, Any]]) -> list[int]:
 
 def _transfer(env: dict[str, Any], transfer: dict[str, Any]) -> None:
     """Hand a parked job to the external system, after its save has committed; if that fails,
-    forget the save and re-raise (the caller runs the error handlers, as ``evalmgr_job`` does)."""
+    forget the save and re-raise."""
     try:
         import_string(transfer["transfer_func"])(env, **transfer.get("transfer_kwargs", {}))
     except Exception:
@@ -178,17 +192,155 @@ def _transfer(env: dict[str, Any], transfer: dict[str, Any]) -> None:
         raise
 
 
+# --- the steps, for a batch and for a run on its own ---------------------------------------------
+
+
+def _begin(ready: Mapping[K, Mapping[str, Any]], runs: Runs[K]) -> tuple[list[K], list[K]]:
+    """``evalmgr_job``'s start, in the caller's transaction: the jobs whose runs are still claimed
+    go PROGRESS. Returns their keys, in order, and those of them whose job was cancelled (their
+    runs ended)."""
+    kept = runs.keep(ready)
+    order = [key for key in ready if key in kept]
+    marked = mark_jobs_state([ready[key] for key in order], "PROGRESS")
+    cancelled = [key for key, ok in zip(order, marked, strict=True) if not ok]
+    if cancelled:
+        runs.finish(cancelled)
+    return order, cancelled
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused for a round.
+
+    Each job's environ is decoded just before its phase: tens of thousands of new lists and dicts
+    for a large one, which the next collection would walk through (1.6 ms per 1 MB environ), only
+    to find the tree that reference counting frees once the phase is done. What a phase leaves
+    in cycles waits for the collection after the round.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _lost(wanted: Collection[Any], kept: Collection[Any]) -> None:
+    for key in wanted:
+        if key not in kept:
+            log.warning("Run %r was taken over by another runner.", key)
+
+
+Transfers = list[tuple[dict[str, Any], dict[str, Any]]]
+
+
+def _round(
+    active: dict[K, Mapping[str, Any]],
+    snapshot: Mapping[K, str | bytes],
+    runs: Runs[K],
+    seen: dict[K, dict[str, Any]] | None = None,
+) -> tuple[dict[K, Mapping[str, Any]], Mapping[K, str | bytes], Transfers, list[Any]]:
+    """One phase of each job, committed together: returns the jobs that go on (and their
+    checkpoints), the transfers to make now that the jobs are parked, and the ids of the jobs
+    found cancelled as they were to be parked (their runs ended).
+
+    An environ read at its top level only is decoded from its text in ``snapshot`` just before
+    its phase, and the jobs that go on are read back from their checkpoints, so that the round
+    holds one decoded environ at a time. With ``seen`` (a run on its own) each job's environ is
+    kept there as the round last had it, for its error handlers if the round fails, and goes on
+    as it is.
+    """
+    with transaction.atomic(), _collector_paused():
+        kept = runs.keep(active)
+        _lost(active, kept)
+        going: dict[K, Mapping[str, Any]] = {}
+        texts: dict[K, str] = {}
+        finished: list[K] = []
+        moving: dict[K, tuple[dict[str, Any], dict[str, Any]]] = {}
+        for key in active:
+            if key not in kept:
+                continue
+            # Decoded whole from its text in one go (the garbage collector paused for it).
+            held = active[key]
+            env: dict[str, Any] = (
+                loads(snapshot[key]) if isinstance(held, RawEnviron) else _whole(held)
+            )
+            del held
+            recipe = env.get("recipe")
+            if recipe:
+                env["recipe"] = recipe[1:]
+                if seen is not None:
+                    seen[key] = env
+                env = run_phase(env, recipe[0])
+            if seen is not None:
+                seen[key] = env
+            if "transfer" in env:
+                # Saved without ``transfer``, as evalmgr_job saves it.
+                moving[key] = (env, env.pop("transfer"))
+            elif env.get("recipe"):
+                # Its checkpoint; in a batch, the next round reads it back from that text.
+                texts[key] = json.dumps(env)
+                going[key] = env if seen is not None else parse(texts[key])
+            else:
+                finished.append(key)
+            del env
+        if finished:
+            delete_jobs([active[key]["job_id"] for key in finished])
+        transfers: Transfers = []
+        cancelled: list[Any] = []
+        if moving:
+            keys = list(moving)
+            marked = mark_jobs_state([moving[key][0] for key in keys], "WAITING")
+            parked = [key for key, ok in zip(keys, marked, strict=True) if ok]
+            saved_ids = _save_environs([moving[key][0] for key in parked])
+            for key, saved_id in zip(parked, saved_ids, strict=True):
+                env, transfer = moving[key]
+                env["saved_environ_id"] = saved_id
+                transfers.append((env, transfer))
+            cancelled = [
+                moving[key][0]["job_id"] for key, ok in zip(keys, marked, strict=True) if not ok
+            ]
+        if finished or moving:
+            runs.finish([*finished, *moving])
+        if texts:
+            runs.checkpoint(texts)
+    return going, texts, transfers, cancelled
+
+
+def _hand_over(env: dict[str, Any], transfer: dict[str, Any]) -> dict[str, Any]:
+    """A parked job's transfer, after its save has committed, as ``evalmgr_job`` makes it: if it
+    fails, the save is forgotten and the job's error handlers run (an :class:`Ignore` stops the
+    job silently). Its run ended with the save, so nothing would retry it: an error of the
+    infrastructure here is the job's too."""
+    try:
+        _transfer(env, transfer)
+    except Ignore:
+        raise
+    except Exception:
+        return run_error_handlers(env, sys.exc_info())  # type: ignore[arg-type]
+    return env
+
+
+@contextmanager
+def outcome_logged(job_id: Any) -> Iterator[None]:
+    """Around a job's recipe (``evalmgr_job`` or :func:`run_one`): log how it ended when it ended
+    by itself, cancelled (Celery's :class:`Ignore`) or failed in its recipe (its error handlers
+    have run); an error of the infrastructure propagates (the run stays for a retry)."""
+    try:
+        yield
+    except INFRASTRUCTURE_ERRORS:
+        raise
+    except Ignore:
+        log.info("Job %r was cancelled; its run ended.", job_id)
+    except Exception:
+        log.exception("Job %r failed in its recipe.", job_id)
+
+
 # --- one run -------------------------------------------------------------------------------------
 
 
-def _state(env: dict[str, Any], state: str) -> None:
-    with transaction.atomic():
-        going = mark_jobs_state([env], state)[0]
-    if not going:
-        raise Ignore
-
-
-def run_one(env: dict[str, Any], run: Run) -> dict[str, Any]:
+def run_one(env: dict[str, Any], run: Run[K]) -> dict[str, Any]:
     """``evalmgr_job(env)`` for a claimed run, each phase committed with a checkpoint; returns the
     processed copy.
 
@@ -196,48 +348,53 @@ def run_one(env: dict[str, Any], run: Run) -> dict[str, Any]:
     or its cancellation); an error handled by the error handlers finishes it too.
     """
     load_controllers()
-    env = copy.deepcopy(env)
+    key = run.pk
+    seen = {key: copy.deepcopy(env)}
     try:
-        if not _can_start(env):
-            _refuse(env)
-        _state(env, "PROGRESS")
-        while True:
-            recipe = env.get("recipe")
-            if not recipe:
-                with transaction.atomic():
-                    delete_jobs([env["job_id"]])
-                    run.finish()
-                return env
-            with transaction.atomic():
-                env["recipe"] = recipe[1:]
-                env = run_phase(env, recipe[0])
-                if "transfer" not in env:
-                    run.checkpoint(env)
-            if "transfer" in env:
-                transfer = env.pop("transfer")
-                with transaction.atomic():
-                    parked = mark_jobs_state([env], "WAITING")[0]
-                    if parked:
-                        # Saved without ``transfer`` or ``saved_environ_id``, as upstream.
-                        env["saved_environ_id"] = _save_environs([env])[0]
-                    run.finish()
-                if not parked:
-                    raise Ignore
-                _transfer(env, transfer)
-                return env
+        transfers = _run_alone(key, seen, run)
     except INFRASTRUCTURE_ERRORS:
         raise
     except Ignore:
-        with transaction.atomic():
-            run.finish()
+        _end(key, run)
         raise
     except Exception:
         exc_info = sys.exc_info()
         try:
-            return run_error_handlers(env, exc_info)  # type: ignore[arg-type]
+            return run_error_handlers(seen[key], exc_info)  # type: ignore[arg-type]
         finally:
-            with transaction.atomic():
-                run.finish()
+            _end(key, run)
+    if transfers is None:
+        # Cancelled: its run ended with the job.
+        raise Ignore
+    for parked, transfer in transfers:
+        return _hand_over(parked, transfer)
+    return seen[key]
+
+
+def _run_alone(key: K, seen: dict[K, dict[str, Any]], run: Run[K]) -> Transfers | None:
+    """The rounds of a batch of one, until its job ends; returns its transfer (if it was parked),
+    or None if the job was cancelled."""
+    env = seen[key]
+    if not _can_start(env):
+        _refuse(env)
+    with transaction.atomic():
+        _, cancelled = _begin({key: env}, run)
+    if cancelled:
+        return None
+    active: dict[K, Mapping[str, Any]] = {key: env}
+    while True:
+        active, _, transfers, parked_cancelled = _round(active, {}, run, seen)
+        if parked_cancelled:
+            return None
+        if not active:
+            return transfers
+
+
+def _end(key: K, run: Run[K]) -> None:
+    """End a run whose job stopped in a step (raising :class:`LeaseLost` if it was taken over)."""
+    with transaction.atomic():
+        run.keep([key])
+        run.finish([key])
 
 
 # --- many runs -----------------------------------------------------------------------------------
@@ -272,20 +429,6 @@ def run_recipes(
         key: parsed[key] if parsed is not None and key in parsed else parse(text)
         for key, text in environs.items()
     }
-    return _run_decoded(environs, decoded, runs, alone)
-
-
-def _whole(env: Mapping[str, Any]) -> dict[str, Any]:
-    """An environ read at its top level decoded whole (the runner's to change); a dict as it is."""
-    return env.to_dict() if isinstance(env, RawEnviron) else env  # type: ignore[return-value]
-
-
-def _run_decoded(
-    environs: Mapping[K, str | bytes],
-    decoded: dict[K, Mapping[str, Any]],
-    runs: Runs[K],
-    alone: Callable[[K, dict[str, Any]], None],
-) -> int:
     ran = 0
 
     def on_its_own(key: K, env: dict[str, Any]) -> None:
@@ -308,12 +451,7 @@ def _run_decoded(
     snapshot: Mapping[K, str | bytes] = {key: environs[key] for key in ready}
     try:
         with transaction.atomic():
-            kept = runs.keep(ready)
-            order = [key for key in ready if key in kept]
-            marked = mark_jobs_state([ready[key] for key in order], "PROGRESS")
-            cancelled = [key for key, ok in zip(order, marked, strict=True) if not ok]
-            if cancelled:
-                runs.finish(cancelled)
+            order, cancelled = _begin(ready, runs)
     except INFRASTRUCTURE_ERRORS:
         raise
     except Exception:
@@ -323,7 +461,7 @@ def _run_decoded(
         for key in ready:
             on_its_own(key, loads(snapshot[key]))
         return ran
-    _lost(ready, kept)
+    _lost(ready, set(order))
     ran += len(order)
     for key in cancelled:
         log.info("Job %r was cancelled; its run ended.", ready[key]["job_id"])
@@ -332,7 +470,7 @@ def _run_decoded(
     }
     while active:
         try:
-            active, snapshot, transfers = _round(active, snapshot, runs)
+            active, snapshot, transfers, parked_cancelled = _round(active, snapshot, runs)
         except INFRASTRUCTURE_ERRORS:
             raise
         except Exception:
@@ -342,97 +480,18 @@ def _run_decoded(
             for key in list(active):
                 alone(key, loads(snapshot[key]))
             return ran
+        for job_id in parked_cancelled:
+            log.info("Job %r was cancelled; its run ended.", job_id)
         for env, transfer in transfers:
             try:
-                _transfer(env, transfer)
+                _hand_over(env, transfer)
+            except Ignore:
+                log.info("Job %r was cancelled; its run ended.", env.get("job_id"))
             except Exception:
-                try:
-                    run_error_handlers(env, sys.exc_info())  # type: ignore[arg-type]
-                except Exception:
-                    log.exception("Job %r failed in its recipe.", env.get("job_id"))
+                log.exception("Job %r failed in its recipe.", env.get("job_id"))
     return ran
 
 
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """The cyclic garbage collector paused for a round.
-
-    Each job's environ is decoded just before its phase: tens of thousands of new lists and dicts
-    for a large one, which the next collection would walk through (1.6 ms per 1 MB environ), only
-    to find the tree that reference counting frees once the phase is done. What a phase leaves
-    in cycles waits for the collection after the round.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _lost(wanted: Collection[Any], kept: Collection[Any]) -> None:
-    for key in wanted:
-        if key not in kept:
-            log.warning("Run %r was taken over by another runner.", key)
-
-
-def _round(
-    active: dict[K, Mapping[str, Any]], snapshot: Mapping[K, str | bytes], runs: Runs[K]
-) -> tuple[
-    dict[K, Mapping[str, Any]],
-    Mapping[K, str | bytes],
-    list[tuple[dict[str, Any], dict[str, Any]]],
-]:
-    """One phase of each job, committed together: returns the jobs that go on (and their
-    checkpoints), and the transfers to make now that the jobs are parked."""
-    with transaction.atomic(), _collector_paused():
-        kept = runs.keep(active)
-        _lost(active, kept)
-        going: dict[K, Mapping[str, Any]] = {}
-        texts: dict[K, str] = {}
-        finished: list[K] = []
-        moving: dict[K, tuple[dict[str, Any], dict[str, Any]]] = {}
-        for key in active:
-            if key not in kept:
-                continue
-            # Decoded whole from its text in one go (the garbage collector paused for it).
-            held = active[key]
-            env: dict[str, Any] = (
-                loads(snapshot[key]) if isinstance(held, RawEnviron) else _whole(held)
-            )
-            del held
-            recipe = env.get("recipe")
-            if recipe:
-                env["recipe"] = recipe[1:]
-                env = run_phase(env, recipe[0])
-            if "transfer" in env:
-                # Saved without ``transfer``, as evalmgr_job saves it.
-                moving[key] = (env, env.pop("transfer"))
-            elif env.get("recipe"):
-                # Its checkpoint, and the next round reads it back from that text.
-                texts[key] = json.dumps(env)
-                going[key] = parse(texts[key])
-            else:
-                finished.append(key)
-            del env
-        if finished:
-            delete_jobs([active[key]["job_id"] for key in finished])
-        transfers: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        if moving:
-            keys = list(moving)
-            marked = mark_jobs_state([moving[key][0] for key in keys], "WAITING")
-            parked = [key for key, ok in zip(keys, marked, strict=True) if ok]
-            saved_ids = _save_environs([moving[key][0] for key in parked])
-            for key, saved_id in zip(parked, saved_ids, strict=True):
-                env, transfer = moving[key]
-                env["saved_environ_id"] = saved_id
-                transfers.append((env, transfer))
-            for key, ok in zip(keys, marked, strict=True):
-                if not ok:
-                    log.info("Job %r was cancelled; its run ended.", moving[key][0]["job_id"])
-        if finished or moving:
-            runs.finish([*finished, *moving])
-        if texts:
-            runs.checkpoint(texts)
-    return going, texts, transfers
+def _whole(env: Mapping[str, Any]) -> dict[str, Any]:
+    """An environ read at its top level decoded whole (the runner's to change); a dict as it is."""
+    return env.to_dict() if isinstance(env, RawEnviron) else env  # type: ignore[return-value]

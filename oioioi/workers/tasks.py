@@ -20,10 +20,10 @@ from celery import shared_task
 from django.db import close_old_connections
 
 from oioioi.evalmgr.tasks import evalmgr_job
-from oioioi.workers.claims import claim, claim_token
+from oioioi.workers.claims import claim_environ, claim_token
 from oioioi.workers.logging import route_library_logs
 from oioioi.workers.models import PendingRun
-from oioioi.workers.runner import INFRASTRUCTURE_ERRORS, Ignore
+from oioioi.workers.runner import outcome_logged
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +37,16 @@ def run_pending_job(run_id: int) -> None:
     route_library_logs()
     close_old_connections()
     token = claim_token("celery:")
-    if not claim(run_id, token):
+    text = claim_environ(run_id, token)
+    if text is None:
         log.info("Run %r is held by another runner or already done; nothing to do.", run_id)
         return
-    text = PendingRun.objects.filter(pk=run_id).values_list("environ", flat=True).first()
-    if text is None:
-        return
     environ = json.loads(text)
-    try:
+    # An error of the infrastructure leaves the run claimed: once the lease expires, a sweep
+    # hands it to Celery again. Otherwise evalmgr_job has run the job's error handlers, or the
+    # job was cancelled: either way the job is over.
+    with outcome_logged(environ.get("job_id")):
         evalmgr_job(environ)
-    except Ignore:
-        log.info("Job %r was cancelled; its run ended.", environ.get("job_id"))
-    except INFRASTRUCTURE_ERRORS:
-        # Kept claimed: once the lease expires, a sweep hands it to Celery again.
-        raise
-    except Exception:
-        # evalmgr_job has run the job's error handlers; the job is over.
-        log.exception("Job %r failed in its recipe.", environ.get("job_id"))
     PendingRun.objects.filter(pk=run_id, claimed_by=token).delete()
 
 

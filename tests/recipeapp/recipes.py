@@ -162,3 +162,26 @@ def ignore(env: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     from celery.exceptions import Ignore
 
     raise Ignore
+
+
+def transfer_failing(env: dict[str, Any], error: str, **kwargs: Any) -> dict[str, Any]:
+    """A phase that transfers its job to an external system that fails (see
+    :func:`failing_transfer`)."""
+    return transfer_job(
+        env,
+        "tests.recipeapp.recipes.failing_transfer",
+        "oioioi.sioworkers.handlers.restore_job",
+        {"error": error},
+    )
+
+
+def failing_transfer(env: dict[str, Any], error: str, **kwargs: Any) -> None:
+    """A transfer that fails: with a bug, on the database, or stopping the job (Celery's Ignore)."""
+    from celery.exceptions import Ignore
+    from django.db import OperationalError
+
+    if error == "database":
+        raise OperationalError("server closed the connection unexpectedly")
+    if error == "ignore":
+        raise Ignore
+    raise ValueError(f"transfer failed for {env['job_id']}")
