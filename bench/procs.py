@@ -15,9 +15,9 @@ from consumer.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The consumer's line after each commit (``consumer.consumer._log_outcomes``), as bench.settings
+#: The consumer's line after each commit (``consumer.loop._log_outcomes``), as bench.settings
 #: formats it: wall-clock time of the record, then the message.
-_OUTCOME = re.compile(rb"^(\d+\.\d+) \w+ consumer\.consumer: Result '([^']*)' (\w+)\.", re.M)
+_OUTCOME = re.compile(rb"^(\d+\.\d+) \w+ consumer\.loop: Result '([^']*)' (\w+)\.", re.M)
 
 
 def free_port() -> int:
@@ -93,13 +93,22 @@ class Proc:
                 time.sleep(0.1)
 
     def rss(self) -> tuple[int, int]:
-        """(current, peak) resident set size in KiB, from /proc."""
-        values = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-        return values["VmRSS"], values["VmHWM"]
+        """(current, peak) resident set size in KiB, from /proc, of the process and its child
+        processes together (a consumer's recipe runner): the sum of their peaks, which is at
+        least the peak of their sum."""
+        rss = hwm = 0
+        for pid in (self.pid, *_children(self.pid)):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                continue
+            for line in status.splitlines():
+                key, _, rest = line.partition(":")
+                if key == "VmRSS":
+                    rss += int(rest.split()[0])
+                elif key == "VmHWM":
+                    hwm += int(rest.split()[0])
+        return rss, hwm
 
     def stop(self, timeout: float = 30.0) -> int | None:
         try:
@@ -156,3 +165,14 @@ class OutcomeTail:
                     f"{proc.tail(1500)}"
                 )
             time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (from every thread's list in /proc)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out.extend(int(c) for c in (task / "children").read_text().split())
+        except FileNotFoundError:
+            continue
+    return out

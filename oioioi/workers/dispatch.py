@@ -29,7 +29,7 @@ next :meth:`~Dispatcher.run_pending`.
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 from django.db import transaction
@@ -53,7 +53,7 @@ from oioioi.workers.claims import (
 from oioioi.workers.conf import setting
 from oioioi.workers.models import PendingRun
 from oioioi.workers.runner import INFRASTRUCTURE_ERRORS, Ignore, LeaseLost, run_one, run_recipes
-from oioioi.workers.sql import insert_rows, update_in
+from oioioi.workers.sql import insert_rows, select_in, update_in
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,36 @@ class LocalDispatcher(DurableDispatcher):
                 ran += self._run(pk)
         return ran
 
+    def run_written(self, token: str, pks: Sequence[int]) -> int:
+        """Run a batch of runs that another process wrote and claimed with ``token`` (a
+        :class:`~oioioi.workers.runner_process.ProcessDispatcher`), reading their environs back
+        from their rows; returns how many it took. If the database goes away midway, the runs
+        stay held and the next :meth:`run_pending` runs each on its own."""
+        for pk in pks:
+            self._held[pk] = (token, 0)
+        rows = select_in(
+            PendingRun, ["id", "environ"], "id", list(pks), where={"claimed_by": token}
+        )
+        texts: dict[int, tuple[bytes | str, dict[str, Any] | None]] = {
+            pk: (text, None) for pk, text in rows
+        }
+        for pk in pks:
+            if pk not in texts:  # taken over, or run and gone: not this batch's any more
+                self._held.pop(pk, None)
+        return self._run_batch(token, texts)
+
+    def run_abandoned(self, pk: int) -> int:
+        """Claim a run that nobody holds (one more attempt) and run it on its own; returns 1 if
+        it ran, 0 if someone else had claimed it meanwhile."""
+        return self._run(pk)
+
+    @property
+    def holding(self) -> bool:
+        """Whether runs stopped by the database wait to be run again by this process."""
+        return bool(self._held)
+
     def _run_batch(
-        self, token: str, environs: dict[int, tuple[bytes, dict[str, Any] | None]]
+        self, token: str, environs: Mapping[int, tuple[bytes | str, dict[str, Any] | None]]
     ) -> int:
         # Held until each has run: if the database goes away midway, the next call renews
         # their claims and runs each on its own, from its last checkpoint.

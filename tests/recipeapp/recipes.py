@@ -26,6 +26,12 @@ def record(env: dict[str, Any], step: str, **kwargs: Any) -> dict[str, Any]:
     return env
 
 
+def record_pid(env: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """Record which process ran the recipe (step ``pid``, the process id as its detail)."""
+    StepLog.objects.create(job_id=env["job_id"], step="pid", detail=str(os.getpid()))
+    return env
+
+
 def slow(env: dict[str, Any], seconds: float, **kwargs: Any) -> dict[str, Any]:
     time.sleep(seconds)
     return env
