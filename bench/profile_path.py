@@ -3,8 +3,8 @@
 Creates a database of its own (like run.py) and queues of its own on the local RabbitMQ, makes
 waiting jobs of one environ size, publishes their results, and takes them through the consumer's
 own code as ``start_receive_from_workers`` does, in its batches: the delivery
-(``Transport.receive``), the decode and check, the write (``receive.write``: inbox, resume, merge,
-hand-off, commit) and the recipe (``receive.after_ack``: the runner's rounds, checkpoints, commit).
+(``Transport.receive``), the decode and check, the write (``store.write``: inbox, resume, merge,
+hand-off, commit) and the recipe (``store.after_ack``: the runner's rounds, checkpoints, commit).
 Each statement is timed and put under its step by the table it touches; JSON parsing and
 serialising are counted and timed wherever they happen (the standard library's and orjson's), as
 are the cyclic garbage collector's pauses; what is left of a stage is its Python.
@@ -197,8 +197,8 @@ def measure(size: str, count: int, amqp_url: str) -> tuple[Clock, dict[str, Any]
     from bench.jobs import clear_tables, create_waiting_jobs
     from consumer.decode import decode
     from consumer.transport import Transport
-    from oioioi.workers import receive
     from oioioi.workers.conf import consumer_settings
+    from oioioi.workers.store import build as build_store
 
     clear_tables()
     template = environs.template(size)
@@ -228,7 +228,7 @@ def measure(size: str, count: int, amqp_url: str) -> tuple[Clock, dict[str, Any]
     with Transport(settings) as transport:
         connection.commit = timed_commit  # type: ignore[method-assign]
         instrument(clock)
-        store = receive.store()
+        store = build_store()
         try:
             done = 0
             while done < count:

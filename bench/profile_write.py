@@ -1,7 +1,7 @@
 """Where a result's time goes on the database thread, without the broker: for profiling.
 
 Creates a database of its own (like run.py), makes waiting jobs, and pushes decoded results
-through the consumer's own ``receive.write`` in batches, then ``receive.after_ack`` (the recipe
+through the consumer's own ``store.write`` in batches, then ``store.after_ack`` (the recipe
 runs), timing both and counting the statements and commits each issues per result.
 
     .venv/bin/python bench/profile_write.py --db postgres --count 2000 --batch 32
@@ -44,7 +44,7 @@ def measure(size: str, count: int, batch: int) -> dict[str, Any]:
     from bench import environs
     from bench.jobs import clear_tables, create_waiting_jobs
     from consumer.decode import decode
-    from oioioi.workers import receive
+    from oioioi.workers import store
 
     clear_tables()
     template = environs.template(size)
@@ -70,11 +70,11 @@ def measure(size: str, count: int, batch: int) -> dict[str, Any]:
             t1 = time.perf_counter()
             phase = "write"
             with connection.execute_wrapper(write_counter):
-                outcomes = receive.write(results)
+                outcomes = store.write(results)
             t2 = time.perf_counter()
             phase = "run"
             with connection.execute_wrapper(run_counter):
-                receive.after_ack()
+                store.after_ack()
             t3 = time.perf_counter()
             assert all(o == "committed" for o in outcomes), outcomes
             decode_s += t1 - t0

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from consumer.config import Settings
-from consumer.consumer import ResultsConsumer, Store
 from consumer.decode import Result
 from consumer.errors import ConnectionClosed, RejectedEnviron
+from consumer.loop import ResultsConsumer, Store
 from consumer.transport import Delivery, Properties
 
 
@@ -81,7 +81,7 @@ def run(batches: list[list[Delivery]], write, probe=lambda: None, **settings: An
         probe=probe,
         reset=lambda: events.append(("reset",)),
         after_ack=lambda: events.append(("after_ack",)),
-        idle=lambda: None,
+        sweep=lambda: None,
         transient=(Transient,),
     )
     config = Settings(
@@ -197,7 +197,7 @@ def test_connection_loss_during_the_write_acks_nothing_and_reconnects():
         probe=lambda: None,
         reset=lambda: None,
         after_ack=lambda: None,
-        idle=lambda: None,
+        sweep=lambda: None,
         transient=(Transient,),
     )
     consumer = ResultsConsumer(Settings(reconnect_max=0.01), store)
@@ -228,7 +228,7 @@ def test_abandoned_runs_are_swept_under_steady_load_not_after_every_batch():
         probe=lambda: None,
         reset=lambda: None,
         after_ack=lambda: events.append(("after_ack",)),
-        idle=lambda: events.append(("sweep",)),
+        sweep=lambda: events.append(("sweep",)),
         transient=(Transient,),
     )
     consumer = ResultsConsumer(Settings(idle_tick=0.0), store)
@@ -245,7 +245,7 @@ def test_a_read_only_server_is_recognised_from_either_postgresql_driver():
     """psycopg 3 names the SQLSTATE ``sqlstate``, psycopg2 (upstream's driver) ``pgcode``."""
     from django.db import InternalError
 
-    from oioioi.workers.receive import ReadOnlyDatabase, _read_only_is_transient, sqlstate
+    from oioioi.workers.errors import ReadOnlyDatabase, read_only_is_transient, sqlstate
 
     class Psycopg3Error(Exception):
         sqlstate = "25006"
@@ -260,7 +260,7 @@ def test_a_read_only_server_is_recognised_from_either_postgresql_driver():
         def write() -> None:
             raise InternalError("cannot execute INSERT in a read-only transaction") from cause
 
-        return _read_only_is_transient(write)
+        return read_only_is_transient(write)
 
     for cause in (Psycopg3Error(), Psycopg2Error()):
         with pytest.raises(ReadOnlyDatabase):

@@ -17,7 +17,7 @@ from django.test.utils import CaptureQueriesContext
 
 from consumer.decode import decode
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
-from oioioi.workers import receive
+from oioioi.workers import store
 from oioioi.workers.dispatch import get_dispatcher
 from oioioi.workers.models import PendingRun
 from oioioi.workers.resume import delay_environs
@@ -37,7 +37,7 @@ def steps(job_id: str) -> list[str]:
 def write(*envs: dict[str, Any]) -> list[str]:
     """The consumer's write of one batch, then the recipes it runs after the ack."""
     results = [decode(json.dumps(env).encode(), f"m-{env['group_id']}") for env in envs]
-    outcomes = receive.write(results)
+    outcomes = store.write(results)
     return outcomes
 
 

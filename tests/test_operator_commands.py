@@ -27,7 +27,7 @@ from consumer import topology
 from consumer.config import Settings
 from consumer.decode import decode
 from oioioi.evalmgr.models import QueuedJob
-from oioioi.workers import receive
+from oioioi.workers import store
 from oioioi.workers.dispatch import get_dispatcher
 from oioioi.workers.models import DeadLetter, PendingRun, ReceivedResult
 from tests.conftest import ROOT, BrokerClient, process_env, result_for
@@ -318,7 +318,7 @@ def abandoned_runs(waiting_job, count: int = 1) -> list[str]:
     for sent in jobs:
         result = result_for(sent)
         body = json.dumps(result).encode()
-        assert receive.write([decode(body, result["group_id"])]) == ["committed"]
+        assert store.write([decode(body, result["group_id"])]) == ["committed"]
     # This process plays the runner that died: it forgets its in-memory hand-off, so that no
     # later test in it runs these rows.
     get_dispatcher()._ready.clear()  # type: ignore[attr-defined]

@@ -15,9 +15,10 @@ from django.db.migrations.executor import MigrationExecutor
 
 from consumer import shim
 from consumer.config import Settings
-from consumer.consumer import ResultsConsumer, Store
+from consumer.loop import ResultsConsumer, Store
 from consumer.shim import ShimConfig
-from oioioi.workers import deadletters, observability, receive
+from oioioi.workers import deadletters, observability
+from oioioi.workers import store as database_store
 from oioioi.workers.conf import command_settings, setting
 from oioioi.workers.dispatch import get_dispatcher
 from oioioi.workers.logging import route_library_logs
@@ -71,7 +72,7 @@ class Command(BaseCommand):
             get_dispatcher()
         except ImportError as e:
             raise CommandError(f"Invalid EVALMGR_DISPATCHER: {e}") from e
-        log.info("%s", receive.describe(settings))
+        log.info("%s", database_store.describe(settings))
         metrics = observability.start(options.get("metrics_port"))
         consumer = ResultsConsumer(settings, self._store(settings), observer=metrics.observer)
         self._install_signal_handlers(consumer)
@@ -81,19 +82,19 @@ class Command(BaseCommand):
             metrics.close()
 
     def _store(self, settings: Settings) -> Store:
-        store = receive.store()
+        store = database_store.build()
         if not setting("RESULTS_DEAD_LETTER_ARCHIVE"):
             return store
         # Every few seconds, after the sweep: dead letters move from the broker into the
         # database (committed, then acked), where the operator pages list them.
-        sweep, archive = store.idle, deadletters.archive_step(settings)
+        sweep, archive = store.sweep, deadletters.archive_step(settings)
 
-        def idle() -> None:
+        def sweep_and_archive() -> None:
             sweep()
             archive()
 
         log.info("Dead letters are moved into the database every few seconds.")
-        return dataclasses.replace(store, idle=idle)
+        return dataclasses.replace(store, sweep=sweep_and_archive)
 
     def _run_shim(self, options: dict[str, Any]) -> None:
         # No migration check: the shim never touches the database, and must not need it.

@@ -1,46 +1,36 @@
-"""The database side of the consumer: applying results through ``delay_environ``.
+"""The consumer's :class:`~consumer.loop.Store`: its database side, built by :func:`build`.
+
+The write (:func:`write`: results applied through ``delay_environs`` with their inbox rows, in one
+durable transaction), the classic queues' attempt counts, the database probe, and what runs after
+the ack and every few seconds (the resumed recipes, the sweep for abandoned runs). Which database
+errors count as transient is :mod:`oioioi.workers.errors`'s to say.
 
 Everything here runs on the consumer's database thread.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
-from django.db import (
-    IntegrityError,
-    InterfaceError,
-    InternalError,
-    OperationalError,
-    close_old_connections,
-    connection,
-    transaction,
-)
+from django.db import IntegrityError, close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from consumer import environ
 from consumer.config import Settings
-from consumer.consumer import Store
 from consumer.decode import Result
 from consumer.errors import NoSavedEnviron, RejectedEnviron
+from consumer.loop import Store
 from oioioi.workers.dispatch import get_dispatcher
+from oioioi.workers.errors import TRANSIENT_ERRORS, ReadOnlyDatabase, read_only_is_transient
 from oioioi.workers.models import DeliveryAttempt, ReceivedResult
 from oioioi.workers.resume import delay_environs
 from oioioi.workers.sql import insert_returning
 
 log = logging.getLogger(__name__)
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-#: Database errors worth retrying: the connection broke, the server restarts, a lock or
-#: serialization conflict, SQLite busy. Django wraps every driver's errors in these two.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, InterfaceError)
 
 #: Fields the sioworkers restore function refuses in a resuming environ.
 _STRIPPED_FIELDS = ("recipe", "error_handlers")
@@ -132,41 +122,7 @@ def _insert_inbox_row_by_row(rows: list[dict[str, Any]]) -> set[str]:
     return fresh
 
 
-class ReadOnlyDatabase(OperationalError):
-    """Raised when the server refuses writes: a failover to a read-only replica is under way."""
-
-
-#: PostgreSQL's SQLSTATE for "cannot execute ... in a read-only transaction".
-_READ_ONLY_SQLSTATE = "25006"
-
-
-def sqlstate(error: BaseException) -> str | None:
-    """The SQLSTATE of a database error Django wrapped: psycopg 3 names it ``sqlstate``,
-    psycopg2 ``pgcode``."""
-    cause = error.__cause__
-    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
-
-
-def _read_only_is_transient(func: Callable[P, R]) -> Callable[P, R]:
-    """Re-raise a refused write on a read-only server as :class:`ReadOnlyDatabase`.
-
-    Drivers report it as an internal error (SQLSTATE class 25), which says nothing about the
-    message: it must wait for the primary like any other outage, not go to the retry queue.
-    """
-
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return func(*args, **kwargs)
-        except InternalError as e:
-            if sqlstate(e) == _READ_ONLY_SQLSTATE:
-                raise ReadOnlyDatabase(str(e)) from e
-            raise
-
-    return wrapper
-
-
-@_read_only_is_transient
+@read_only_is_transient
 def write(results: Sequence[Result]) -> list[str]:
     """Apply results in one durable transaction; committed when this returns."""
     close_old_connections()
@@ -192,7 +148,7 @@ def write(results: Sequence[Result]) -> list[str]:
     return outcomes
 
 
-@_read_only_is_transient
+@read_only_is_transient
 def count_attempt(key: str) -> int:
     """Count one more attempt at writing ``key``, committed on its own; 0 if already applied."""
     close_old_connections()
@@ -246,24 +202,25 @@ def describe(settings: Settings) -> str:
 
 def after_ack() -> None:
     # Only what this batch resumed: looking for abandoned runs is the periodic sweep's job
-    # (``idle``), not a query after every batch.
+    # (:func:`sweep`), not a query after every batch.
     get_dispatcher().run_pending(sweep=False)
 
 
-def idle() -> None:
+def sweep() -> None:
+    """Pick up runs that others left behind (a consumer killed mid-recipe)."""
     close_old_connections()
     ran = get_dispatcher().run_pending(limit=50)
     if ran:
         log.info("Picked up %d abandoned run(s).", ran)
 
 
-def store() -> Store:
+def build() -> Store:
     return Store(
         write=write,
         probe=probe,
         reset=reset,
         after_ack=after_ack,
-        idle=idle,
+        sweep=sweep,
         transient=TRANSIENT_ERRORS,
         check=check_environ,
         count_attempt=count_attempt,

@@ -60,8 +60,10 @@ class Store:
     #: thread while the main thread keeps the connection serviced; the next batch is taken once
     #: it returns.
     after_ack: Callable[[], None]
-    #: Every few seconds, busy or idle: pick up work others left behind (abandoned runs).
-    idle: Callable[[], None]
+    #: At start, then every few seconds whether messages come or not: pick up work others left
+    #: behind (abandoned runs). Its answer is also how an idle consumer learns whether the
+    #: database is up.
+    sweep: Callable[[], None]
     #: Database errors that are worth retrying (connection lost, lock timeout, busy, ...).
     transient: tuple[type[BaseException], ...]
     #: Refuse, without the database, an environ the write would refuse (raises
@@ -408,7 +410,7 @@ class ResultsConsumer:
         self.store.reset()
         self.store.probe()
 
-    # --- after the ack, and when idle ----------------------------------------------------------
+    # --- after the ack, and the sweep ----------------------------------------------------------
 
     def _after_ack(self) -> None:
         try:
@@ -419,7 +421,7 @@ class ResultsConsumer:
     def _sweep_at_start(self) -> None:
         # A consumer killed mid-recipe left its runs behind: look for them before anything else.
         try:
-            self.store.idle()
+            self.store.sweep()
         except Exception:
             log.warning("Sweeping abandoned runs at start failed.", exc_info=True)
 
@@ -429,11 +431,11 @@ class ResultsConsumer:
             return
         self._last_sweep = now
 
-        def idle() -> None:
+        def sweep() -> None:
             # The sweep is also how an idle consumer learns whether its database answers,
             # which is what its readiness reports.
             try:
-                self.store.idle()
+                self.store.sweep()
             except self.store.transient:
                 self.observer.database_up(False)
                 log.warning("Sweeping abandoned runs failed.", exc_info=True)
@@ -442,7 +444,7 @@ class ResultsConsumer:
                 log.warning("Sweeping abandoned runs failed.", exc_info=True)
             self.observer.database_up(True)
 
-        self._on_db(transport, idle)
+        self._on_db(transport, sweep)
 
     def _on_db(self, transport: Transport, func: Callable[[], T]) -> T:
         assert self._db is not None
