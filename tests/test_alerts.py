@@ -22,8 +22,8 @@ from prometheus_client import generate_latest
 
 from consumer import topology
 from consumer.config import Settings
-from consumer.metrics import OUTCOMES, PrometheusObserver
 from consumer.transport import connect
+from results_endpoints.metrics import OUTCOMES, PrometheusObserver
 from tests.broker import BrokerUnavailable, RabbitNode, free_port
 from tests.conftest import ROOT
 

@@ -23,9 +23,9 @@ import uuid
 import pika
 import pytest
 
-from consumer.metrics import PrometheusObserver
 from consumer.redact import MASK, Redactor, redact_text, redact_url
 from oioioi.workers.logging import HumanFormatter, JsonFormatter, logging_config
+from results_endpoints.metrics import PrometheusObserver
 from tests import helpers
 from tests.broker import free_port
 from tests.conftest import ROOT, make_settings, process_env, result_for

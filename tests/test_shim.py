@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from consumer.shim import Reject, form_data
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers.models import ReceivedResult
+from results_shim.form import Reject, form_data
 from tests.conftest import FIXTURES, BrokerClient, make_settings, result_for
 from tests.helpers import wait_until
 from tests.recipeapp.models import StepLog

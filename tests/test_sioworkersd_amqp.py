@@ -182,7 +182,7 @@ def test_what_sioworkersd_loads_imports_no_django_and_no_undeclared_dependency(t
             elif name.split(".")[0] not in {"consumer", "sioworkersd_amqp"}:
                 outside.add(name.split(".")[0])
     assert "consumer.publish" in seen and "sioworkersd_amqp.taskmanager" in seen
-    assert "consumer.shim" not in seen  # the shim's multipart parser is not needed there
+    assert "results_shim.server" not in seen  # the shim's multipart parser is not needed there
     third_party = outside - set(sys.stdlib_module_names) - {"__future__"}
     # sioworkers and what it brings (Twisted, zope.interface), and the wheel's two requirements
     assert third_party <= {"twisted", "sio", "zope", "pika", "tenacity"}, third_party

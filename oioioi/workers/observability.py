@@ -7,9 +7,9 @@ import logging
 from django.core.management.base import CommandError
 
 from consumer.config import Settings
-from consumer.health import BrokerWatch, HealthServer, serve
-from consumer.metrics import PrometheusObserver
 from oioioi.workers.conf import setting
+from results_endpoints.health import BrokerWatch, HealthServer, serve
+from results_endpoints.metrics import PrometheusObserver
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,15 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, OperationalError, connections
 from django.db.migrations.executor import MigrationExecutor
 
-from consumer import shim
 from consumer.config import Settings
 from consumer.loop import ResultsConsumer, Store
-from consumer.shim import ShimConfig
 from oioioi.workers import deadletters, observability
 from oioioi.workers import store as database_store
 from oioioi.workers.conf import command_settings, setting
 from oioioi.workers.dispatch import get_dispatcher
 from oioioi.workers.logging import route_library_logs
+from results_shim import server as shim
+from results_shim.server import ShimConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,13 @@
 """Prometheus metrics of the consumer and the HTTP shim, and the state readiness is judged by.
 
 Each process gets a registry of its own (no global state, so tests can build as many as they like),
-exposed by :mod:`consumer.health` on ``/metrics``. Every label has a small fixed set of values: an
-unknown outcome, reason or status is counted under ``other`` rather than growing a new series.
-The README lists each metric and what it means.
+exposed by :mod:`results_endpoints.health` on ``/metrics``. Every label has a small fixed set of
+values: an unknown outcome, reason or status is counted under ``other`` rather than growing a new
+series. The README lists each metric and what it means.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
 
@@ -23,9 +22,6 @@ from prometheus_client import (
 
 from consumer.errors import PermanentError
 from consumer.observe import Observer
-from consumer.shim import ShimObserver
-
-log = logging.getLogger(__name__)
 
 NAMESPACE = "oioioi_results"
 
@@ -73,7 +69,7 @@ def status_label(status: int | str) -> str:
     return text if _STATUS.match(text) else "other"
 
 
-class PrometheusObserver(Observer, ShimObserver):
+class PrometheusObserver(Observer):
     """An :class:`~consumer.observe.Observer` that counts into a registry of its own.
 
     Also remembers whether the broker and the database were reachable when last seen, which is

@@ -42,23 +42,22 @@ import string
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import multipart
 
 from consumer.config import Settings
 from consumer.decode import parse_environ
 from consumer.errors import ConsumerError, PublishError, TransportError
+from consumer.observe import Observer
 from consumer.publish import Publisher
+from results_shim.form import Reject, form_data, identifiers
 
-log = logging.getLogger(__name__)
+#: The queue library's logger tree, so one logging setup covers every line of the return path.
+log = logging.getLogger("consumer.shim")
 
 #: ``app_id`` of the messages the shim publishes, so an operator can tell where one came from.
 APP_ID = "oioioi-http-shim"
-#: Most form fields (multipart parts or ``key=value`` pairs) looked at in one body.
-MAX_FORM_FIELDS = 64
 #: Longest request or header line, and most header lines (http.client's limits).
 MAX_LINE = 65536
 MAX_HEADERS = 100
@@ -94,91 +93,6 @@ class ShimConfig:
             raise ValueError("need threads >= 1, max_body_bytes >= 1 and read_timeout > 0")
         if self.publish_timeout <= 0:
             raise ValueError("publish_timeout must be positive")
-
-
-class ShimObserver:
-    """What the shim reports; the default ignores it. Must be cheap and must never raise."""
-
-    def request(self, status: int, seconds: float) -> None:
-        """One request answered (``status`` 0: the client left before an answer)."""
-
-
-class Reject(Exception):
-    """Raised while handling a request that gets a non-200 answer; carries status and reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-# --- the form --------------------------------------------------------------------------------
-
-
-def form_data(content_type: str | None, body: bytes) -> bytes:
-    """The raw value of the ``data`` field of a form body; raises :class:`Reject`."""
-    mime, options = multipart.parse_options_header(content_type or "")
-    if mime == "multipart/form-data":
-        return _multipart_field(body, options.get("boundary"), "data")
-    if mime == "application/x-www-form-urlencoded":
-        return _urlencoded_field(body, b"data")
-    raise Reject(
-        415,
-        f"unsupported Content-Type {mime or 'none'!r}: "
-        "send multipart/form-data or application/x-www-form-urlencoded",
-    )
-
-
-def _multipart_field(body: bytes, boundary: str | None, name: str) -> bytes:
-    if not boundary:
-        raise Reject(400, "multipart/form-data without a boundary")
-    values: list[bytearray] = []
-    current: bytearray | None = None
-    try:
-        parser = multipart.PushMultipartParser(
-            boundary, content_length=len(body), max_segment_count=MAX_FORM_FIELDS
-        )
-        # The empty chunk marks the end of input: an incomplete stream raises there.
-        for chunk in (body, b""):
-            for event in parser.parse(chunk):
-                if isinstance(event, multipart.MultipartSegment):
-                    current = bytearray() if event.name == name else None
-                    if current is not None:
-                        values.append(current)
-                elif event is None:
-                    current = None
-                elif current is not None:
-                    current += event
-    except multipart.MultipartError as e:
-        raise Reject(400, f"malformed multipart body: {e}") from None
-    return _single(values, name)
-
-
-def _urlencoded_field(body: bytes, name: bytes) -> bytes:
-    # By hand rather than with urllib.parse.parse_qs, which decodes to text and would replace
-    # bytes that are not UTF-8; the JSON decoder is the one to refuse those, with its reason.
-    values: list[bytes] = []
-    pairs = [pair for pair in body.split(b"&") if pair]
-    if len(pairs) > MAX_FORM_FIELDS:
-        raise Reject(400, f"more than {MAX_FORM_FIELDS} form fields")
-    for pair in pairs:
-        key, _, value = pair.partition(b"=")
-        if urllib.parse.unquote_to_bytes(key.replace(b"+", b" ")) == name:
-            values.append(urllib.parse.unquote_to_bytes(value.replace(b"+", b" ")))
-    return _single(values, name.decode())
-
-
-def _single(values: list[Any], name: str) -> bytes:
-    if not values:
-        raise Reject(400, f"no {name!r} field in the form")
-    if len(values) > 1:
-        raise Reject(400, f"{len(values)} {name!r} fields in the form, expected one")
-    return bytes(values[0])
-
-
-def identifiers(env: Mapping[str, Any]) -> dict[str, Any]:
-    """What the request log shows of an environ: its identifiers, never its content."""
-    return {key: env.get(key) for key in ("job_id", "group_id", "submission_id")}
 
 
 # --- reading with a deadline -------------------------------------------------------------------
@@ -218,7 +132,7 @@ class ServerHandler(http.server.BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"
     server_version = "oioioi-shim"
     #: Told of every answered request; the server replaces this no-op with its own observer.
-    observer: ShimObserver = ShimObserver()
+    observer: Observer = Observer()
 
     def setup(self) -> None:
         super().setup()
@@ -536,13 +450,13 @@ class Server(http.server.HTTPServer):
         *,
         settings: Settings | None = None,
         config: ShimConfig | None = None,
-        observer: ShimObserver | None = None,
+        observer: Observer | None = None,
         publisher_factory: Callable[[], Publisher] | None = None,
         bind_and_activate: bool = True,
     ) -> None:
         self.settings = settings or Settings()
         self.config = config or ShimConfig()
-        self.observer = observer or ShimObserver()
+        self.observer = observer or Observer()
         self.request_queue_size = self.config.backlog
         self._publisher_factory = publisher_factory or self._default_publisher
         self._local = threading.local()
@@ -661,7 +575,7 @@ def serve(
     addr: str,
     port: int,
     *,
-    observer: ShimObserver | None = None,
+    observer: Observer | None = None,
     on_ready: Callable[[Server], None] | None = None,
 ) -> None:
     """Run the shim until its ``stop()`` is called (``on_ready`` gets the server to call it on)."""

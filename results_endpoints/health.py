@@ -30,7 +30,8 @@ from consumer.errors import ConsumerError
 from consumer.observe import Observer
 from consumer.transport import Transport
 
-log = logging.getLogger(__name__)
+#: The queue library's logger tree, so one logging setup covers every line of the return path.
+log = logging.getLogger("consumer.health")
 
 #: Name of a check -> whether it passes now. Must be cheap and must not block.
 ReadinessChecks = Mapping[str, Callable[[], bool]]
