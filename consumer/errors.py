@@ -92,3 +92,12 @@ class DatabaseUnavailable(ConsumerError):
 
 class WriteKeepsFailing(ConsumerError):
     """Raised when a write keeps failing with transient errors although the database answers."""
+
+
+class BrokerRefused(ConsumerError):
+    """Raised when the broker closed the channel on a call (no permission, no such queue, a queue
+    declared with other arguments); the connection stands. Carries the broker's reply."""
+
+    #: The broker's reply code (403: access refused, 404: not found, 406: precondition failed).
+    reply_code: int | None = None
+    reply_text: str = ""

@@ -4,6 +4,10 @@ One :class:`Transport` is one broker connection with one channel in confirm mode
 consume (prefetch-bounded, manual acks) and to publish the copies that dead-lettering and delayed
 retries need. A publish returns only once the broker has confirmed it. The connection goes to the
 first node of ``AMQP_URL`` that answers (:func:`connect`, :mod:`consumer.brokers`).
+
+For the operator's tools (dead letters, the status panel), :class:`Connection` and its
+:class:`Channel` make single calls with pika's errors wrapped the same way, and
+:func:`cause_facts` reads the pika errors a :class:`~consumer.errors.ConnectionClosed` keeps.
 """
 
 from __future__ import annotations
@@ -16,18 +20,22 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
-from pika.adapters.utils.connection_workflow import AMQPConnectorException
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectorException,
+    AMQPConnectorStackTimeout,
+)
 
 from consumer import topology
 from consumer.brokers import nodes_of
 from consumer.config import Settings
 from consumer.errors import (
+    BrokerRefused,
     ConfirmTimeout,
     ConnectionClosed,
     ConsumerCancelled,
@@ -499,3 +507,256 @@ class Transport:
     @property
     def is_open(self) -> bool:
         return bool(self._connection.is_open and self._channel.is_open)
+
+
+# --- single calls, for the operator's tools --------------------------------------------------------
+
+#: Changes a broker node's connection parameters before :func:`connect` uses them.
+Tune = Callable[[pika.URLParameters], None]
+
+
+def short_timeouts(seconds: float) -> Tune:
+    """A ``tune`` for :func:`connect` that gives up soon: one attempt per node, ``seconds`` for
+    the TCP connection, twice that for the whole handshake and for a blocked connection."""
+
+    def tune(params: pika.URLParameters) -> None:
+        params.connection_attempts = 1
+        params.retry_delay = 0
+        params.socket_timeout = seconds
+        params.stack_timeout = seconds * 2
+        params.blocked_connection_timeout = seconds * 2
+
+    return tune
+
+
+#: AMQP's ``delivery_mode`` of a message the broker keeps on disk.
+PERSISTENT = 2
+
+
+@dataclass(frozen=True)
+class AmqpProperties:
+    """Every AMQP basic property of a message, any of them absent: what a copy must carry when a
+    message leaves as it came (a dead letter kept, archived or replayed)."""
+
+    content_type: str | None = None
+    content_encoding: str | None = None
+    headers: dict[str, Any] | None = None
+    delivery_mode: int | None = None
+    priority: int | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    expiration: str | None = None
+    message_id: str | None = None
+    timestamp: int | None = None
+    type: str | None = None
+    user_id: str | None = None
+    app_id: str | None = None
+    cluster_id: str | None = None
+
+
+#: The names of :class:`AmqpProperties` (pika's names too).
+PROPERTY_NAMES = tuple(f.name for f in fields(AmqpProperties))
+
+
+def _from_pika(props: pika.BasicProperties | None) -> AmqpProperties:
+    if props is None:
+        return AmqpProperties()
+    return AmqpProperties(**{name: getattr(props, name, None) for name in PROPERTY_NAMES})
+
+
+def _to_pika(props: AmqpProperties) -> pika.BasicProperties:
+    return pika.BasicProperties(**{name: getattr(props, name) for name in PROPERTY_NAMES})
+
+
+@dataclass(frozen=True)
+class Got:
+    """A message taken with :meth:`Channel.get`, not yet settled."""
+
+    tag: int
+    properties: AmqpProperties
+    body: bytes
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What the broker says of a queue it has."""
+
+    messages: int
+    consumers: int
+
+
+class Connection:
+    """One broker connection for separate calls (the operator's tools), on channels of its own.
+
+    Connects like :func:`connect` (``tune``: shorter timeouts). Every call raises pika's errors as
+    ours: :class:`~consumer.errors.PublishError` (the broker did not take a message),
+    :class:`~consumer.errors.BrokerRefused` (it closed the channel; the connection stands) or
+    :class:`~consumer.errors.ConnectionClosed`; each message starts with what the caller said it
+    was doing (:meth:`doing`). Use as a context manager.
+    """
+
+    def __init__(self, settings: Settings, *, name: str, tune: Tune | None = None) -> None:
+        self.name = name
+        self._connection = connect(settings, name=name, tune=tune)[0]
+        self._doing: list[str] = []
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def doing(self, what: str) -> Iterator[None]:
+        """The calls of the block are part of ``what`` (the start of an error's message)."""
+        self._doing.append(what)
+        try:
+            yield
+        finally:
+            self._doing.pop()
+
+    @contextmanager
+    def wrapped(self) -> Iterator[None]:
+        """pika's errors in the block as ours, said as part of what the caller is doing."""
+        what = f"{self._doing[-1]}: " if self._doing else ""
+        try:
+            yield
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
+            raise PublishError(f"{what}the broker did not accept the message: {e!r}") from None
+        except pika.exceptions.ChannelClosedByBroker as e:
+            refused = BrokerRefused(f"{what}the broker refused ({e.reply_code} {e.reply_text})")
+            refused.reply_code, refused.reply_text = e.reply_code, e.reply_text
+            raise refused from None
+        except CONNECTION_ERRORS as e:
+            raise ConnectionClosed(f"{what}broker connection lost: {e!r}") from None
+
+    def within(self, seconds: float | None) -> AbstractContextManager[None]:
+        """Cut the connection unless the block finishes within ``seconds`` (None: no bound)."""
+        return _deadline(self._connection, seconds)
+
+    def channel(self) -> Channel:
+        with self.wrapped():
+            return Channel(self, self._connection.channel())
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep while keeping heartbeats flowing."""
+        with self.wrapped():
+            self._connection.sleep(seconds)
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self._connection.is_open)
+
+    def close(self) -> None:
+        """Close the connection; what its channels hold unsettled returns to its queue."""
+        try:
+            if self._connection.is_open:
+                self._connection.close()
+        except Exception:
+            log.debug("Error while closing the broker connection %r.", self.name, exc_info=True)
+
+
+class Channel:
+    """A channel of a :class:`Connection`; its calls raise what the connection's do."""
+
+    def __init__(self, connection: Connection, channel: BlockingChannel) -> None:
+        self._connection = connection
+        self._channel = channel
+
+    def confirm(self) -> None:
+        """From now on a publish returns only once the broker has confirmed it."""
+        with self._connection.wrapped():
+            self._channel.confirm_delivery()
+
+    def queue_state(self, queue: str) -> QueueState:
+        """Asks without creating anything: :class:`~consumer.errors.BrokerRefused` (404, which
+        closes the channel) if the broker has no such queue."""
+        with self._connection.wrapped():
+            ok = self._channel.queue_declare(queue, passive=True)
+        return QueueState(int(ok.method.message_count), int(ok.method.consumer_count))
+
+    def check_exchange(self, exchange: str) -> None:
+        """:class:`~consumer.errors.BrokerRefused` (404, which closes the channel) if the broker
+        has no such exchange."""
+        with self._connection.wrapped():
+            self._channel.exchange_declare(exchange, passive=True)
+
+    def declare_queue(self, queue: str, arguments: dict[str, Any]) -> None:
+        """Declare a durable queue; the broker refuses (406) if it has one with other arguments."""
+        with self._connection.wrapped():
+            self._channel.queue_declare(queue, durable=True, arguments=arguments)
+
+    def get(self, queue: str) -> Got | None:
+        """The message at the head of ``queue``, to be acked or requeued; None if it is empty."""
+        with self._connection.wrapped():
+            method, properties, body = self._channel.basic_get(queue, auto_ack=False)
+        if method is None:
+            return None
+        return Got(method.delivery_tag, _from_pika(properties), body)
+
+    def ack(self, tag: int, *, multiple: bool = False) -> None:
+        with self._connection.wrapped():
+            self._channel.basic_ack(tag, multiple=multiple)
+
+    def requeue(self, tag: int, *, multiple: bool = False) -> None:
+        """Give back to the queue (with ``multiple``: every message up to ``tag``)."""
+        with self._connection.wrapped():
+            self._channel.basic_nack(tag, multiple=multiple, requeue=True)
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, props: AmqpProperties) -> None:
+        """Publish mandatory; on a confirming channel, returns once the broker has confirmed."""
+        with self._connection.wrapped():
+            self._channel.basic_publish(
+                exchange, routing_key, body, _to_pika(props), mandatory=True
+            )
+
+    def purge(self, queue: str) -> int:
+        """Remove every ready message of ``queue``; how many."""
+        with self._connection.wrapped():
+            return int(self._channel.queue_purge(queue).method.message_count)
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self._connection.is_open and self._channel.is_open)
+
+    def close(self) -> None:
+        """Close the channel; a broker refusing to close it is ignored."""
+        with self._connection.wrapped(), contextlib.suppress(pika.exceptions.AMQPError):
+            self._channel.close()
+
+
+@dataclass(frozen=True)
+class CauseFacts:
+    """What one of pika's errors (a cause kept on :class:`~consumer.errors.ConnectionClosed`)
+    says about a failure, read here so that no other module needs pika's classes."""
+
+    #: The broker accepted the connection and did not finish the handshake in time.
+    timeout: bool = False
+    #: The broker refused the login.
+    login_refused: bool = False
+    #: The broker closed the connection during the handshake without saying why (in practice,
+    #: no such virtual host or no access to it).
+    handshake_refused: bool = False
+    #: ``(reply code, reply text)`` of the broker closing the connection, or a channel.
+    connection_reply: tuple[int, str] | None = None
+    channel_reply: tuple[int, str] | None = None
+
+
+def cause_facts(error: BaseException) -> CauseFacts:
+    """What ``error`` says if it is one of pika's (nothing for any other error)."""
+    closed: tuple[Any, ...] = ()
+    if isinstance(error, pika.exceptions.ConnectionClosedByBroker):
+        closed = error.args
+    channel: tuple[int, str] | None = None
+    if isinstance(error, pika.exceptions.ChannelClosedByBroker):
+        channel = (error.reply_code, error.reply_text)
+    return CauseFacts(
+        timeout=isinstance(error, AMQPConnectorStackTimeout),
+        login_refused=isinstance(
+            error,
+            pika.exceptions.ProbableAuthenticationError | pika.exceptions.AuthenticationError,
+        ),
+        handshake_refused=isinstance(error, pika.exceptions.ProbableAccessDeniedError),
+        connection_reply=(closed[0], str(closed[1])) if len(closed) >= 2 else None,
+        channel_reply=channel,
+    )

@@ -16,11 +16,12 @@ import pika
 import pytest
 from django.db import DatabaseError, connection
 
-from consumer import deadletters as queue
 from consumer import topology
 from consumer.config import Settings
 from oioioi.workers import deadletters
 from oioioi.workers.models import DeadLetter
+from results_dead_letters import archiving as queue
+from results_dead_letters.letters import DeadLetter as QueuedLetter
 from tests.conftest import BrokerClient
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.both_databases]
@@ -141,7 +142,7 @@ def test_a_crash_between_commit_and_ack_lists_each_once(dlq):
     for letter_id in ("p", "q"):
         put(dlq, letter_id)
 
-    def commit_then_die(letters: list[queue.DeadLetter]) -> None:
+    def commit_then_die(letters: list[QueuedLetter]) -> None:
         deadletters.store(letters)
         raise Died
 

@@ -1,4 +1,4 @@
-"""consumer.deadletters: reading the dead letters from the headers, then every operation against a
+"""results_dead_letters: reading the dead letters from the headers, then every operation against a
 real broker (both queue types), with dead letters the real consumer made where it matters."""
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from typing import Any
 import pika
 import pytest
 
-from consumer import deadletters, topology
+from consumer import topology
 from consumer.config import Settings
-from consumer.deadletters import TopologyMismatch, TopologyMissing
 from oioioi.evalmgr.models import SavedEnviron
 from oioioi.workers.models import ReceivedResult
+from results_dead_letters import passes
+from results_dead_letters.errors import TopologyMismatch, TopologyMissing
+from results_dead_letters.letters import from_message, replay_properties
 from tests.conftest import ROOT, BrokerClient, make_settings, result_for
 from tests.helpers import job_done, wait_until
 from tests.recipeapp.models import StepLog
@@ -99,7 +101,7 @@ def test_consumer_dead_letter_is_read_from_its_headers():
         },
     )
     body = b'{"job_id": "j", "group_id": "g", "submission_id": 7}'
-    letter = deadletters.from_message(props, body)
+    letter = from_message(props, body)
     assert (letter.id, letter.message_id, letter.reason) == ("abc", "g1", "failed")
     assert (letter.error, letter.error_class, letter.traceback) == (
         "boom",
@@ -133,16 +135,16 @@ def test_broker_dead_letter_gets_its_reason_time_and_a_stable_id_from_x_death():
         "x-oioioi-retries": 1,
         "x-oioioi-failed-at": "2020-01-01T00:00:00+00:00",
     }
-    first = deadletters.from_message(pika.BasicProperties(headers=headers), b"{}")
+    first = from_message(pika.BasicProperties(headers=headers), b"{}")
     assert first.reason == "delivery-limit"
     assert first.failed_at == death_time
     assert len(first.id) == 32
     # The broker's own delivery count changes between reads; the id does not.
-    again = deadletters.from_message(
+    again = from_message(
         pika.BasicProperties(headers={**headers, "x-delivery-count": 5}), b"{}"
     )
     assert again.id == first.id
-    other = deadletters.from_message(pika.BasicProperties(headers=headers), b"{ }")
+    other = from_message(pika.BasicProperties(headers=headers), b"{ }")
     assert other.id != first.id
 
 
@@ -153,11 +155,11 @@ def test_odd_bodies_and_headers_never_raise(body):
     props = pika.BasicProperties(
         headers={"x-oioioi-reason": b"\xffbytes", "x-death": "not a list", "x-oioioi-retries": "x"}
     )
-    letter = deadletters.from_message(props, body)
+    letter = from_message(props, body)
     assert (letter.job_id, letter.group_id, letter.submission_id) == (None, None, None)
     assert letter.retries is None
     assert letter.reason == "\ufffdbytes"
-    assert deadletters.from_message(None, body).reason == "unknown"
+    assert from_message(None, body).reason == "unknown"
 
 
 def test_replay_properties_drop_the_failure_and_count_the_replay():
@@ -180,7 +182,7 @@ def test_replay_properties_drop_the_failure_and_count_the_replay():
             "trace": "kept",
         },
     )
-    props = deadletters.replay_properties(original)
+    props = replay_properties(original)
     assert props.headers == {"trace": "kept", "x-oioioi-replays": 3}
     assert (props.message_id, props.correlation_id, props.app_id) == ("g1", "c", "a")
     assert (props.timestamp, props.content_type) == (1_700_000_000, "application/json")
@@ -210,18 +212,19 @@ def test_browsing_leaves_the_queue_as_it_was(typed):
         for i in range(120)
     ]
 
-    first = deadletters.browse(settings)
-    second = deadletters.browse(settings)
-    middle = deadletters.get(settings, first[60].id)
-    head = deadletters.browse(settings, limit=7)
-    found = deadletters.find(settings, [first[3].id, first[100].id, "nope"])
+    first = passes.browse(settings)
+    second = passes.browse(settings)
+    middle = passes.get(settings, first[60].id)
+    head = passes.browse(settings, limit=7)
+    wanted = {first[3].id, first[100].id, "nope"}
+    found = [d for d in passes.browse(settings) if d.id in wanted]
 
     assert [d.id for d in first] == ids
     assert [d.id for d in second] == [d.id for d in first]
     assert middle is not None and middle.body == first[60].body
     assert [d.id for d in head] == [d.id for d in first[:7]]
     assert [d.id for d in found] == [first[3].id, first[100].id]
-    assert deadletters.get(settings, "no-such-id") is None
+    assert passes.get(settings, "no-such-id") is None
     assert broker.depth(settings.dead_letter_queue) == 120
     assert contents(broker, settings.dead_letter_queue) == expected
 
@@ -229,12 +232,12 @@ def test_browsing_leaves_the_queue_as_it_was(typed):
 def test_browse_reads_what_fill_wrote(typed):
     settings, _broker = typed
     ids = fill(settings, 3, reason=lambda i: ["invalid", "failed", "rejected"][i])
-    letters = deadletters.browse(settings)
+    letters = passes.browse(settings)
     assert [d.id for d in letters] == ids
     assert [d.reason for d in letters] == ["invalid", "failed", "rejected"]
     assert [d.job_id for d in letters] == ["job-0", "job-1", "job-2"]
     assert [d.message_id for d in letters] == ["m-0", "m-1", "m-2"]
-    assert deadletters.depth(settings) == 3
+    assert passes.depth(settings) == 3
 
 
 def test_replay_by_reason_and_discard_keep_the_rest_in_order(typed):
@@ -242,7 +245,7 @@ def test_replay_by_reason_and_discard_keep_the_rest_in_order(typed):
     ids = fill(settings, 90, reason=lambda i: "failed" if i % 3 == 0 else "invalid")
     calls: list[tuple[int, int]] = []
 
-    report = deadletters.replay(
+    report = passes.replay(
         settings, reason="failed", progress=lambda done, total: calls.append((done, total))
     )
 
@@ -257,21 +260,21 @@ def test_replay_by_reason_and_discard_keep_the_rest_in_order(typed):
     )
 
     kept = [i for i in range(90) if i % 3]
-    assert deadletters.discard(settings, [ids[1], ids[2], ids[89], "no-such-id"]) == 3
-    left = [d.id for d in deadletters.browse(settings)]
+    assert passes.discard(settings, [ids[1], ids[2], ids[89], "no-such-id"]) == 3
+    left = [d.id for d in passes.browse(settings)]
     assert left == [ids[i] for i in kept if i not in (1, 2, 89)]
 
 
 def test_replay_selected_ids_and_limit(typed):
     settings, broker = typed
     ids = fill(settings, 10)
-    report = deadletters.replay(settings, [ids[7], ids[2], "gone"])
+    report = passes.replay(settings, [ids[7], ids[2], "gone"])
     assert (report.replayed, report.skipped, report.failed) == (2, 8, 0)
     assert report.not_found == ["gone"]
-    report = deadletters.replay(settings, limit=3)
+    report = passes.replay(settings, limit=3)
     assert report.replayed == 3
     assert [json.loads(b)["n"] for b, _, _ in contents(broker, settings.queue)] == [2, 7, 0, 1, 3]
-    assert [d.id for d in deadletters.browse(settings)] == [ids[i] for i in (4, 5, 6, 8, 9)]
+    assert [d.id for d in passes.browse(settings)] == [ids[i] for i in (4, 5, 6, 8, 9)]
 
 
 def test_a_pass_cut_short_loses_nothing(typed):
@@ -283,7 +286,7 @@ def test_a_pass_cut_short_loses_nothing(typed):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        deadletters.replay(settings, progress=crash)
+        passes.replay(settings, progress=crash)
 
     # Replayed ones are in the results queue, the rest still dead-lettered; at worst both.
     replayed = {f"dl-{json.loads(b)['n']:05d}" for b, _, _ in contents(broker, settings.queue)}
@@ -296,13 +299,13 @@ def test_a_pass_cut_short_loses_nothing(typed):
 
 KILLED_REPLAY = """
 import os, sys
-from consumer import deadletters
+from results_dead_letters import passes
 from consumer.config import Settings
 settings = Settings(**{k: v for k, v in json.loads(sys.argv[1]).items()})
 def die(done, total):
     if done == 30:
         os._exit(137)
-deadletters.replay(settings, progress=die)
+passes.replay(settings, progress=die)
 """
 
 
@@ -338,14 +341,14 @@ def test_unroutable_replay_stays_dead_lettered(typed):
     ch.queue_delete(settings.queue)  # the exchange stays, with nothing bound to it
     conn.close()
 
-    report = deadletters.replay(settings, [ids[2]])
+    report = passes.replay(settings, [ids[2]])
 
     assert (report.replayed, report.failed) == (0, 1)
     assert report.failures[0][0] == ids[2] and "did not accept" in report.failures[0][1]
-    assert [d.id for d in deadletters.browse(settings)] == ids
+    assert [d.id for d in passes.browse(settings)] == ids
     conn, ch = channel(settings)  # the queue is back
     conn.close()
-    assert deadletters.replay(settings, [ids[2]]).replayed == 1
+    assert passes.replay(settings, [ids[2]]).replayed == 1
     assert broker.depth(settings.queue) == 1
 
 
@@ -356,33 +359,33 @@ def test_replay_without_the_results_exchange_changes_nothing(typed):
     ch.exchange_delete(settings.exchange)
     conn.close()
     with pytest.raises(TopologyMissing, match="results exchange"):
-        deadletters.replay(settings)
-    assert [d.id for d in deadletters.browse(settings)] == ids
+        passes.replay(settings)
+    assert [d.id for d in passes.browse(settings)] == ids
 
 
 def test_a_missing_or_mistyped_dead_letter_queue_is_an_error(amqp_url):
     settings = make_settings(amqp_url)
     with pytest.raises(TopologyMissing, match="does not exist"):
-        deadletters.browse(settings)
+        passes.browse(settings)
     with pytest.raises(TopologyMissing):
-        deadletters.purge(settings)
+        passes.purge(settings)
     # Nothing was created by looking.
     with pytest.raises(TopologyMissing):
-        deadletters.depth(settings)
+        passes.depth(settings)
     conn, _ch = channel(settings)  # a quorum dead-letter queue
     conn.close()
     with pytest.raises(TopologyMismatch, match="classic"):
-        deadletters.browse(settings.replace(queue_type="classic"))
+        passes.browse(settings.replace(queue_type="classic"))
 
 
 def test_purge_and_discard_count(typed):
     settings, broker = typed
     ids = fill(settings, 12)
-    assert deadletters.discard(settings, []) == 0
-    assert deadletters.discard(settings, ids[:2]) == 2
-    assert deadletters.purge(settings) == 10
+    assert passes.discard(settings, []) == 0
+    assert passes.discard(settings, ids[:2]) == 2
+    assert passes.purge(settings) == 10
     assert broker.depth(settings.dead_letter_queue) == 0
-    assert deadletters.browse(settings) == []
+    assert passes.browse(settings) == []
 
 
 def test_thousands_of_dead_letters(amqp_url):
@@ -390,10 +393,10 @@ def test_thousands_of_dead_letters(amqp_url):
     broker = BrokerClient(settings)
     ids = fill(settings, 2000, reason=lambda i: "failed" if i % 2 else "invalid")
     started = time.monotonic()
-    letters = deadletters.browse(settings)
+    letters = passes.browse(settings)
     browse_seconds = time.monotonic() - started
     started = time.monotonic()
-    report = deadletters.replay(settings, reason="failed")
+    report = passes.replay(settings, reason="failed")
     replay_seconds = time.monotonic() - started
     print(
         f"2000 dead letters (quorum): browse {browse_seconds:.1f} s, replay {replay_seconds:.1f} s"
@@ -403,7 +406,7 @@ def test_thousands_of_dead_letters(amqp_url):
     assert [json.loads(b)["n"] for b, _, _ in contents(broker, settings.queue)] == list(
         range(1, 2000, 2)
     )
-    assert [d.id for d in deadletters.browse(settings)] == ids[::2]
+    assert [d.id for d in passes.browse(settings)] == ids[::2]
 
 
 # --- with the real consumer's dead letters ------------------------------------------------------
@@ -438,7 +441,7 @@ def test_dead_letters_of_the_real_consumer(broker, start_consumer, queue_setting
     broker.publish_raw(b'{"workers_jobs.results": {}, "group_id": "g2"}', None)
     broker.wait_depth(queue_settings.dead_letter_queue, 2)
 
-    undecodable, rejected = deadletters.browse(queue_settings)
+    undecodable, rejected = passes.browse(queue_settings)
 
     assert (undecodable.reason, undecodable.message_id) == ("undecodable", "bad-1")
     assert "not UTF-8" in undecodable.error
@@ -447,7 +450,7 @@ def test_dead_letters_of_the_real_consumer(broker, start_consumer, queue_setting
     assert undecodable.age_seconds() < 60
     assert (rejected.reason, rejected.group_id, rejected.job_id) == ("rejected", "g2", None)
     assert len(rejected.id) == 32
-    assert deadletters.get(queue_settings, rejected.id).body == rejected.body
+    assert passes.get(queue_settings, rejected.id).body == rejected.body
     assert broker.depth(queue_settings.dead_letter_queue) == 2
 
 
@@ -462,12 +465,12 @@ def test_replay_after_fixing_the_cause_resumes_the_job(
     result = result_for(sent)
     broker.publish_env(result, message_id=result["group_id"])
     broker.wait_depth(queue_settings.dead_letter_queue, 1)
-    [letter] = deadletters.browse(queue_settings)
+    [letter] = passes.browse(queue_settings)
     assert (letter.reason, letter.retries, letter.job_id) == ("failed", 2, sent["job_id"])
     assert "Traceback" in letter.traceback
     # When the cause is fixed and the dead letter replayed
     fix_restore(saved)
-    report = deadletters.replay(queue_settings, [letter.id])
+    report = passes.replay(queue_settings, [letter.id])
     # Then the job resumes and runs to the end, and both queues are empty
     assert report.replayed == 1
     wait_until(job_done(sent["job_id"]), what="job resumed by the replay")
@@ -496,7 +499,7 @@ def test_replaying_an_applied_result_is_harmless(
     conn.close()
     fix_restore(saved)
     # When both are replayed
-    report = deadletters.replay(queue_settings)
+    report = passes.replay(queue_settings)
     # Then the result is applied once; the second copy is recognised by the inbox
     assert report.replayed == 2
     wait_until(job_done(sent["job_id"]), what="job resumed")
@@ -527,23 +530,23 @@ def test_replayed_delivery_limit_dead_letter_survives_the_retry_queue(
         ch.basic_nack(method.delivery_tag, requeue=True)
     conn.close()
     broker.wait_depth(settings.dead_letter_queue, 1)
-    [letter] = deadletters.browse(settings)
+    [letter] = passes.browse(settings)
     assert letter.reason == "delivery-limit"
     assert letter.failed_at is not None and letter.message_id == "crashy"
-    assert deadletters.browse(settings)[0].id == letter.id
+    assert passes.browse(settings)[0].id == letter.id
 
     start_consumer(settings=settings)
-    assert deadletters.replay(settings, [letter.id]).replayed == 1
+    assert passes.replay(settings, [letter.id]).replayed == 1
 
     # Retried twice through the retry queue, then dead-lettered by the consumer: not lost.
     wait_until(
-        lambda: [d.reason for d in deadletters.browse(settings)] == ["failed"],
+        lambda: [d.reason for d in passes.browse(settings)] == ["failed"],
         timeout=30,
         what="the replayed message dead-lettered again",
     )
-    [again] = deadletters.browse(settings)
+    [again] = passes.browse(settings)
     assert again.headers["x-oioioi-replays"] == 1
     assert again.retries == 2
     fix_restore(saved)
-    deadletters.replay(settings, [again.id])
+    passes.replay(settings, [again.id])
     wait_until(job_done(sent["job_id"]), what="job resumed")

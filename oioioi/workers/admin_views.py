@@ -3,7 +3,7 @@ still wait in the broker's queue, and what to tell the operator when the broker 
 
 Every broker call here is bounded by the status panel's short timeouts
 (:func:`oioioi.workers.status.tune_short`), and a failure becomes one plain sentence of its kind
-(:mod:`consumer.diagnose`), never an error page or a Python repr.
+(:mod:`results_dead_letters.diagnose`), never an error page or a Python repr.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from django.core.exceptions import ImproperlyConfigured, PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 
-from consumer import deadletters, diagnose
 from consumer.errors import ConsumerError
 from oioioi.workers.admin_site import admin_url
 from oioioi.workers.conf import consumer_settings, setting
@@ -23,6 +22,7 @@ from oioioi.workers.deadletters import BROKER_CALL_TIMEOUT
 from oioioi.workers.models import DeadLetter
 from oioioi.workers.permissions import REPLAY_PERMISSION, VIEW_PERMISSION
 from oioioi.workers.status import tune_short
+from results_dead_letters import archiving, diagnose
 
 if TYPE_CHECKING:
     from django.contrib.admin import ModelAdmin
@@ -60,7 +60,7 @@ def broker_backlog(request: HttpRequest) -> dict[str, Any]:
     """For the dead-letter list: how many wait in the broker's queue to be archived (one bounded
     call), or why the broker could not say."""
     try:
-        waiting = deadletters.queue_depth(
+        waiting = archiving.queue_depth(
             consumer_settings(), tune=tune_short, timeout=BROKER_CALL_TIMEOUT
         )
     except BROKER_ERRORS as e:

@@ -2,7 +2,7 @@
 
 The broker's dead-letter queue is only a buffer. The archiver moves each dead letter into the
 :class:`~oioioi.workers.models.DeadLetter` table as the consumer moves results: a batch is
-committed, and only then acked (:func:`consumer.deadletters.archive`). A copy that comes back
+committed, and only then acked (:func:`results_dead_letters.archiving.archive`). A copy that comes back
 after a crash between the two, or an ack the broker lost with its connection (same dead-letter
 id), is ignored, even once the row was replayed or discarded: a settled row stays, without its
 body, as long as the inbox remembers results. So nothing is lost and nothing is listed twice. While the database is away the messages stay in the queue. The consumer runs
@@ -30,11 +30,13 @@ from django.db import transaction
 from django.db.models import Count, QuerySet
 from django.utils import timezone
 
-from consumer import deadletters
 from consumer.config import Settings
 from consumer.errors import ConsumerError, PublishError
 from oioioi.workers.models import DeadLetter
 from oioioi.workers.status import CONNECT_TIMEOUT, tune_short
+from results_dead_letters import archiving
+from results_dead_letters.errors import TopologyMissing
+from results_dead_letters.letters import DeadLetter as QueuedLetter
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ CHUNK_ROWS = 500
 CHUNK_SECONDS = 1.0
 
 
-def _row(letter: deadletters.DeadLetter) -> DeadLetter:
+def _row(letter: QueuedLetter) -> DeadLetter:
     return DeadLetter(
         letter_id=letter.id[:255],
         message_id=(letter.message_id or "")[:255],
@@ -76,7 +78,7 @@ def _row(letter: deadletters.DeadLetter) -> DeadLetter:
     )
 
 
-def store(letters: list[deadletters.DeadLetter]) -> None:
+def store(letters: list[QueuedLetter]) -> None:
     """Commit ``letters`` to the table; one already there (same dead-letter id) is left as it is."""
     with transaction.atomic(durable=True):
         DeadLetter.objects.bulk_create(
@@ -89,7 +91,7 @@ def archive(settings: Settings, *, limit: int | None = None, short: bool = True)
 
     ``short``: every broker call bounded by :data:`BROKER_CALL_TIMEOUT` (pages and commands).
     """
-    return deadletters.archive(
+    return archiving.archive(
         settings,
         store,
         limit=limit,
@@ -107,7 +109,7 @@ def archive_step(settings: Settings) -> Callable[[], None]:
         DeadLetter.objects.exists()
         try:
             archive(settings, limit=ARCHIVE_STEP_LIMIT)
-        except deadletters.TopologyMissing as e:
+        except TopologyMissing as e:
             # The consumer's first step runs before it has connected and declared its queues.
             log.info("No dead letters to archive yet: %s.", e)
         except Exception:
@@ -167,7 +169,7 @@ def replay_chunk(
             return report
         confirmed: list[int] = []
         try:
-            with deadletters.Republisher(
+            with archiving.Republisher(
                 settings, tune=tune_short, timeout=BROKER_CALL_TIMEOUT
             ) as publisher:
                 for row in chunk:

@@ -8,26 +8,20 @@ an unreachable broker costs the admin index a few seconds at most and never an e
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-import pika
-import pika.exceptions
 from django.utils import timezone
-from pika.adapters.utils.connection_workflow import (
-    AMQPConnectorStackTimeout,
-)
 
 from consumer.config import Settings
-from consumer.errors import ConnectionClosed
+from consumer.errors import BrokerRefused, ConnectionClosed, ConsumerError
 from consumer.redact import redact_text
-from consumer.transport import CONNECTION_ERRORS, connect, within
+from consumer.transport import Connection, short_timeouts
 from oioioi.evalmgr.models import QueuedJob
 from oioioi.workers.conf import setting
 
 log = logging.getLogger(__name__)
-
-_BROKER_ERRORS = CONNECTION_ERRORS
 
 #: Seconds the panel waits for the broker (TCP connect, then the AMQP handshake) before giving up.
 CONNECT_TIMEOUT = 2.0
@@ -64,13 +58,8 @@ def _parameters_timeout() -> float:
     return CONNECT_TIMEOUT * 2
 
 
-def tune_short(params: pika.URLParameters) -> None:
-    """The panel's short timeouts, for every broker call of the operator pages."""
-    params.connection_attempts = 1
-    params.retry_delay = 0
-    params.socket_timeout = CONNECT_TIMEOUT
-    params.stack_timeout = _parameters_timeout()
-    params.blocked_connection_timeout = CONNECT_TIMEOUT * 2
+#: The panel's short timeouts, for every broker call of the operator pages.
+tune_short = short_timeouts(CONNECT_TIMEOUT)
 
 
 def broker_status(settings: Settings) -> BrokerStatus:
@@ -82,7 +71,7 @@ def broker_status(settings: Settings) -> BrokerStatus:
     ]
     try:
         # The first node of AMQP_URL that answers; each node gets the short timeouts.
-        connection = connect(settings, name="oioioi-admin-status", tune=tune_short)[0]
+        connection = Connection(settings, name="oioioi-admin-status", tune=tune_short)
     except ConnectionClosed as e:
         # Only host and port of each node, never the URL's credentials.
         log.warning("Operator panel: the broker is unreachable (%s).", e)
@@ -90,43 +79,40 @@ def broker_status(settings: Settings) -> BrokerStatus:
     try:
         queues: list[QueueStatus] = []
         # Each call after the handshake as well: a broker that stops answering costs seconds.
-        with within(connection, _parameters_timeout()):
+        with connection.within(_parameters_timeout()):
             _ask(connection, roles, queues)
         return BrokerStatus(queues=queues)
-    except _BROKER_ERRORS as e:
+    except ConsumerError as e:
         log.warning("Operator panel: the broker stopped answering (%s).", type(e).__name__)
         return BrokerStatus(error=_describe(e))
     finally:
-        try:
-            if connection.is_open:
-                connection.close()
-        except (pika.exceptions.AMQPError, OSError):
-            log.debug("Error while closing the status connection.", exc_info=True)
+        connection.close()
 
 
-def _ask(
-    connection: pika.BlockingConnection, roles: list[tuple[str, str]], queues: list[QueueStatus]
-) -> None:
+def _ask(connection: Connection, roles: list[tuple[str, str]], queues: list[QueueStatus]) -> None:
     for role, name in roles:
         channel = connection.channel()
         try:
             # Passive: only asks, never creates a queue with the wrong arguments.
-            ok = channel.queue_declare(name, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as e:
+            state = channel.queue_state(name)
+        except BrokerRefused as e:
             if e.reply_code != 404:
                 raise
             queues.append(QueueStatus(name, role, None, None))
             continue
-        queues.append(QueueStatus(name, role, ok.method.message_count, ok.method.consumer_count))
+        queues.append(QueueStatus(name, role, state.messages, state.consumers))
         channel.close()
 
 
+#: What a call cut by its deadline says (:meth:`consumer.transport.Connection.within`).
+_CUT = re.compile(r"no answer from the broker within [0-9.]+ s")
+
+
 def _describe(error: BaseException) -> str:
-    if isinstance(error, AMQPConnectorStackTimeout):
-        return f"no answer from the broker within {_parameters_timeout():.0f} s"
+    cut = _CUT.search(str(error))
+    if cut:
+        return cut.group(0)
     if isinstance(error, ConnectionClosed):
-        return redact_text(str(error))[:300]
-    if "no answer from the broker within" in str(error):
         return redact_text(str(error))[:300]
     text = redact_text(str(error).strip()) or type(error).__name__
     return f"{type(error).__name__}: {text}"[:300]

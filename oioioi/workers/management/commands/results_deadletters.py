@@ -18,8 +18,6 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import Q, QuerySet
 
-from consumer import deadletters as queue
-from consumer import diagnose
 from consumer.config import Settings
 from consumer.errors import ConsumerError
 from consumer.redact import redact_text
@@ -27,6 +25,7 @@ from oioioi.workers import deadletters
 from oioioi.workers.conf import command_settings
 from oioioi.workers.logging import route_library_logs
 from oioioi.workers.models import DeadLetter
+from results_dead_letters import diagnose, passes
 
 #: Seconds between two progress lines of a long operation.
 PROGRESS_EVERY = 1.0
@@ -286,7 +285,7 @@ class Command(BaseCommand):
         purged = deadletters.discard(DeadLetter.objects.unsettled())
         if not options.get("no_archive"):
             # Those dead-lettered since the move above.
-            purged += queue.purge(settings)
+            purged += passes.purge(settings)
         self.stdout.write(f"Purged {purged} dead letter(s).")
 
     # --- helpers ---------------------------------------------------------------------------

@@ -12,14 +12,11 @@ import logging
 from collections import Counter
 from typing import Any
 
-import pika
-import pika.exceptions
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import DatabaseError
 from django.db.models import Count, Max, Min
 from django.utils import timezone
 
-from consumer import deadletters
 from consumer.config import Settings
 from consumer.errors import ConsumerError
 from consumer.redact import redact_text, redact_url
@@ -29,6 +26,7 @@ from oioioi.workers.conf import command_settings
 from oioioi.workers.logging import route_library_logs
 from oioioi.workers.models import PendingRun
 from oioioi.workers.status import BrokerStatus, broker_status
+from results_dead_letters import passes
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +90,14 @@ def _broker(settings: Settings, found: BrokerStatus) -> dict[str, Any]:
 
 
 def _dead_letters(settings: Settings, limit: int) -> dict[str, Any]:
-    """Dead letters by reason, read with :func:`consumer.deadletters.browse`.
+    """Dead letters by reason, read with :func:`results_dead_letters.passes.browse`.
 
     Browsing leaves the queue as it was: every message read is put back (a quorum queue's as a
     confirmed copy at its tail, so that reading never counts against a delivery limit).
     """
     try:
-        letters = deadletters.browse(settings, limit=limit)
-    except (ConsumerError, pika.exceptions.AMQPError, OSError) as e:
+        letters = passes.browse(settings, limit=limit)
+    except (ConsumerError, OSError) as e:
         return {"browsed": False, "error": redact_text(f"{type(e).__name__}: {e}")[:300]}
     reasons = Counter(letter.reason for letter in letters)
     ages = [age for letter in letters if (age := letter.age_seconds()) is not None]

@@ -3,8 +3,9 @@
 The operator pages and commands show a failed broker call as one sentence of a known kind,
 never as a Python repr: the broker cannot be reached, the virtual host does not exist, the broker
 refused the login or the access, it did not answer in time, or a queue or exchange is missing.
-The kind is read from pika's own exceptions (kept on :class:`~consumer.errors.ConnectionClosed`
-by :func:`consumer.transport.connect`), not from their text.
+The kind is read from the errors themselves, not from their text: the library's, and pika's kept on
+:class:`~consumer.errors.ConnectionClosed` by :func:`consumer.transport.connect`, as
+:func:`consumer.transport.cause_facts` reads them.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import re
 import socket
 from dataclasses import dataclass
 
-import pika.exceptions
-from pika.adapters.utils.connection_workflow import AMQPConnectorStackTimeout
-
-from consumer.errors import ConnectionClosed, ConsumerError, PublishError
+from consumer.errors import BrokerRefused, ConnectionClosed, ConsumerError, PublishError
 from consumer.redact import redact_text
+from consumer.transport import cause_facts
 
 #: The kinds of failure, each with what it means for the operator.
 UNREACHABLE = "unreachable"
@@ -79,26 +78,26 @@ def _kind(chain: list[BaseException]) -> str:
         stated = getattr(error, "failure_kind", None)
         if isinstance(stated, str) and stated in _SENTENCES:
             return stated
-        if isinstance(error, AMQPConnectorStackTimeout | socket.timeout | TimeoutError):
+        if isinstance(error, BrokerRefused):
+            return ACCESS_REFUSED if error.reply_code == 403 else REFUSED
+        facts = cause_facts(error)
+        if facts.timeout or isinstance(error, socket.timeout | TimeoutError):
             return TIMEOUT
-        if isinstance(error, pika.exceptions.ProbableAuthenticationError):
+        if facts.login_refused:
             return ACCESS_REFUSED
-        if isinstance(error, pika.exceptions.AuthenticationError):
-            return ACCESS_REFUSED
-        closed = error.args if isinstance(error, pika.exceptions.ConnectionClosedByBroker) else ()
-        if closed and len(closed) >= 2:
-            code, text = closed[0], str(closed[1])
+        if facts.connection_reply is not None:
+            code, text = facts.connection_reply
             if code == 530 and "vhost" in text and "not found" in text:
                 return NO_VHOST
             if code in (403, 530):
                 return ACCESS_REFUSED
-        if isinstance(error, pika.exceptions.ChannelClosedByBroker):
-            if error.reply_code == 403:
+        if facts.channel_reply is not None:
+            if facts.channel_reply[0] == 403:
                 return ACCESS_REFUSED
-            if error.reply_code == 404:
+            if facts.channel_reply[0] == 404:
                 return MISSING
             return REFUSED
-        if isinstance(error, pika.exceptions.ProbableAccessDeniedError):
+        if facts.handshake_refused:
             # During the handshake, before the broker said why: usually the virtual host.
             continue
         if isinstance(error, socket.gaierror | ConnectionRefusedError | OSError):
@@ -106,7 +105,7 @@ def _kind(chain: list[BaseException]) -> str:
     text = " ".join(str(e) for e in chain)
     if "no answer" in text and "within" in text:
         return TIMEOUT
-    if any(isinstance(e, pika.exceptions.ProbableAccessDeniedError) for e in chain):
+    if any(cause_facts(e).handshake_refused for e in chain):
         return NO_VHOST if "vhost" in text else ACCESS_REFUSED
     if any(isinstance(e, ConnectionClosed) for e in chain):
         return UNREACHABLE
@@ -153,10 +152,10 @@ def _said(chain: list[BaseException], kind: str) -> str:
         if said:
             return redact_text(f"{said.group(1)} {said.group(2)}")[:300]
     for error in reversed(chain):
-        if isinstance(
-            error, pika.exceptions.ConnectionClosedByBroker | pika.exceptions.ChannelClosedByBroker
-        ):
-            return redact_text(f"{error.reply_code} {error.reply_text}")[:300]
+        facts = cause_facts(error)
+        reply = facts.connection_reply or facts.channel_reply
+        if reply is not None:
+            return redact_text(f"{reply[0]} {reply[1]}")[:300]
         if isinstance(error, OSError) and error.strerror:
             return redact_text(error.strerror)[:300]
     top = chain[0]
