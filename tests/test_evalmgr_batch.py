@@ -18,9 +18,11 @@ from django.test.utils import CaptureQueriesContext
 from consumer.decode import decode
 from oioioi.evalmgr.models import QueuedJob, SavedEnviron
 from oioioi.workers import store
+from oioioi.workers.claims import ClaimedRun
 from oioioi.workers.dispatch import get_dispatcher
 from oioioi.workers.models import PendingRun
 from oioioi.workers.resume import delay_environs
+from oioioi.workers.runner import LeaseLost, run_one
 from tests.conftest import result_for
 from tests.recipeapp.models import StepLog
 from tests.recipeapp.recipes import new_job_environ
@@ -269,6 +271,17 @@ def test_a_run_taken_over_between_rounds_is_left_to_its_new_runner(waiting_job):
     assert steps(kept["job_id"]) == ["after-results"]
     assert steps(taken["job_id"]) == ["one"]
     assert PendingRun.objects.get().claimed_by == "elsewhere"
+
+
+def test_a_run_on_its_own_whose_claim_is_someone_elses_commits_nothing(waiting_job):
+    sent = waiting_job()
+    with transaction.atomic():
+        delay_environs([result_for(sent)])
+    run = PendingRun.objects.get()
+    with pytest.raises(LeaseLost):
+        run_one(json.loads(run.environ), ClaimedRun(run.pk, "not-this-runner"))
+    assert steps(sent["job_id"]) == []
+    assert PendingRun.objects.get().environ == run.environ
 
 
 def test_a_database_error_mid_batch_leaves_each_run_to_resume_from_its_checkpoint(

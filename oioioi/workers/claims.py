@@ -71,10 +71,11 @@ class ClaimedBatch:
         rows = select_in(
             PendingRun, ["id"], "id", list(keys), where={"claimed_by": self.token}, lock=True
         )
+        self._found(len(rows), keys)
         return {pk for (pk,) in rows}
 
     def checkpoint(self, environs: Mapping[int, str]) -> None:
-        update_each(
+        updated = update_each(
             PendingRun,
             "id",
             "environ",
@@ -82,25 +83,27 @@ class ClaimedBatch:
             also={"claimed_until": timezone.now() + lease()},
             where={"claimed_by": self.token},
         )
+        self._found(updated, environs)
 
     def finish(self, keys: Collection[int]) -> None:
-        delete_in(PendingRun, "id", list(keys), where={"claimed_by": self.token})
+        self._found(delete_in(PendingRun, "id", list(keys), where={"claimed_by": self.token}), keys)
+
+    def _found(self, count: int, keys: Collection[int]) -> None:
+        """``count`` of the runs ``keys`` were found still claimed: a batch goes on with them
+        (the others were taken over, and :meth:`keep` leaves them out)."""
 
 
 class ClaimedRun(ClaimedBatch):
     """One claimed run, for :func:`~oioioi.workers.runner.run_one`: the claim of a batch of one,
-    whose :meth:`keep` raises :class:`~oioioi.workers.runner.LeaseLost` once the run was taken
-    over (a batch leaves such a run out and goes on with the others)."""
+    which raises :class:`~oioioi.workers.runner.LeaseLost` once its run was taken over."""
 
     def __init__(self, pk: int, token: str) -> None:
         super().__init__(token)
         self.pk = pk
 
-    def keep(self, keys: Collection[int]) -> set[int]:
-        kept = super().keep(keys)
-        if self.pk not in kept:
+    def _found(self, count: int, keys: Collection[int]) -> None:
+        if count < len(keys):
             raise LeaseLost(f"run {self.pk} was taken over by another runner")
-        return kept
 
 
 def claim(pk: int, token: str, *, held: bool = False) -> bool:
