@@ -124,9 +124,12 @@ DATABASES = {"default": database_config(DATABASE_URL)}
 # default in oioioi/workers/conf.py and is read from the environment variable of the same name
 # there, as it is inside an OIOIOI deployment; this module may still set any of them.
 
-#: Standalone, the consumer runs the recipes itself (inside OIOIOI the default hands them to
-#: Celery's evalmgr workers).
-EVALMGR_DISPATCHER = os.environ.get("EVALMGR_DISPATCHER", "oioioi.workers.dispatch.LocalDispatcher")
+#: Standalone, the consumer's own runner process runs the recipes, on the second core (inside
+#: OIOIOI the default hands them to Celery's evalmgr workers; ``...dispatch.LocalDispatcher`` runs
+#: them in the consumer's process itself).
+EVALMGR_DISPATCHER = os.environ.get(
+    "EVALMGR_DISPATCHER", "oioioi.workers.runner_process.ProcessDispatcher"
+)
 #: Sends a job group to sioworkersd; the null backend only logs (a real deployment sets its own).
 SIOWORKERS_BACKEND = os.environ.get("SIOWORKERS_BACKEND", "oioioi.sioworkers.backends.NullBackend")
 FILETRACKER_URL = os.environ.get("FILETRACKER_URL") or None

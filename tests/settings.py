@@ -23,4 +23,9 @@ elif not os.environ.get("DATABASE_URL"):
     DATABASES = {"default": database_config(f"sqlite:///{_dir}/main.sqlite3")}
     DATABASES["default"]["TEST"] = {"NAME": f"{_dir}/test.sqlite3"}
 
+#: The suite's consumers run the recipes in their own process (the fault tests kill a consumer in
+#: a recipe to test the claims), not the standalone default's runner process, which
+#: tests/test_runner_process.py starts by name.
+EVALMGR_DISPATCHER = os.environ.get("EVALMGR_DISPATCHER", "oioioi.workers.dispatch.LocalDispatcher")
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

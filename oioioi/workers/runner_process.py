@@ -13,9 +13,10 @@ What stays as it was, and why nothing is lost:
   dies, its runs are abandoned runs like any other, taken over by the next sweep once their claim
   has expired (the consumer starts a new runner at once). A job that kills its runner again and
   again is charged an attempt each time it is taken over, up to the claims' limit.
-- The consumer never runs ahead: at most :data:`MAX_OUTSTANDING` batches are with the runner, and
-  past that it waits for the runner before it takes the next batch, so the hand-off's claims do not
-  expire while their runs wait, and the drain rate is the rate at which recipes finish.
+- The consumer never runs far ahead: at most twice ``RESULTS_BATCH_SIZE`` runs wait for the runner
+  (their keys only: the runner reads a batch's environs when it starts it), and past that the
+  consumer waits for the runner before it takes the next batch, so that the hand-off's claims do
+  not expire while their runs wait, and the drain rate is the rate at which recipes finish.
 - The sweep's query for abandoned runs is made by the consumer (so that an idle consumer still
   learns whether its database answers); the runs it finds go to the runner, which claims each.
 - SIGTERM/SIGINT reach the runner too (a terminal's Ctrl-C, a supervisor stopping the group): it
@@ -29,6 +30,7 @@ forking a process that holds database and broker connections. Its logs go where 
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import logging
 import multiprocessing
@@ -41,12 +43,15 @@ from typing import Any
 
 from oioioi.workers import runner_child
 from oioioi.workers.claims import abandoned
+from oioioi.workers.conf import setting
 from oioioi.workers.dispatch import DurableDispatcher, Environ, LocalDispatcher
 
 log = logging.getLogger(__name__)
 
-#: Batches with the runner at once, at the most: one it runs, one the consumer wrote meanwhile.
-MAX_OUTSTANDING = 2
+#: Runs waiting for the runner, at the most, in batches of the consumer's (``RESULTS_BATCH_SIZE``):
+#: enough that the consumer writes while the runner runs, even when large results make its
+#: batches small; few enough to be run well within the hand-off lease.
+WAITING_BATCHES = 2
 #: How long the consumer waits on its runner before it looks whether the runner is still alive.
 _POLL_SECONDS = 1.0
 #: A runner that dies this soon after it started died starting; after this many such deaths in
@@ -71,8 +76,9 @@ class ProcessDispatcher(DurableDispatcher):
         super().__init__()
         self._runner: Any = None  # multiprocessing's SpawnProcess
         self._pipe: Connection | None = None
-        #: Batches handed over and not yet reported done.
-        self._outstanding = 0
+        #: How many runs each message handed over and not yet reported done holds, oldest first.
+        self._outstanding: collections.deque[int] = collections.deque()
+        self._max_waiting = WAITING_BATCHES * setting("RESULTS_BATCH_SIZE")
         self._lock = threading.Lock()
         #: Set when runners keep dying as they start (a broken environment): then the recipes
         #: run in this process, as the local dispatcher runs them.
@@ -123,6 +129,7 @@ class ProcessDispatcher(DurableDispatcher):
                 runner.kill()
                 runner.join()
             pipe.close()
+            log.info("The recipe runner stopped (pid %d).", runner.pid)
 
     # --- the runner process, seen from the consumer ----------------------------------------------
 
@@ -142,8 +149,8 @@ class ProcessDispatcher(DurableDispatcher):
                 # It died since its last answer: start another (or give up on runners, after
                 # a few that died starting) and send it again.
                 self._lost_runner()
-        self._outstanding += 1
-        while self._outstanding > MAX_OUTSTANDING:
+        self._outstanding.append(len(message[-1]))
+        while len(self._outstanding) > 1 and sum(self._outstanding) > self._max_waiting:
             self._await_one()
 
     def _await_one(self) -> None:
@@ -152,7 +159,7 @@ class ProcessDispatcher(DurableDispatcher):
             try:
                 if pipe.poll(_POLL_SECONDS):
                     pipe.recv()
-                    self._outstanding -= 1
+                    self._outstanding.popleft()
                     return
             except (EOFError, OSError):
                 pass
@@ -167,7 +174,7 @@ class ProcessDispatcher(DurableDispatcher):
         if self._pipe is not None:
             self._pipe.close()
         self._runner = self._pipe = None
-        self._outstanding = 0
+        self._outstanding.clear()
         if time.monotonic() - self._started_at > _EARLY_DEATH_SECONDS:
             self._early_deaths = 0
         else:
