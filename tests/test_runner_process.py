@@ -110,3 +110,26 @@ def test_sigterm_lets_the_runner_finish_its_recipe_then_both_stop(
     # The recipe in hand was finished, not cut
     assert job_done(sent["job_id"])()
     assert not PendingRun.objects.exists()
+
+
+def test_runners_that_die_starting_leave_the_recipes_to_the_consumer(
+    monkeypatch, settings, caplog, waiting_job
+):
+    from django.db import transaction
+
+    from oioioi.workers.dispatch import get_dispatcher
+    from oioioi.workers.resume import delay_environs
+
+    sent = waiting_job()
+    settings.EVALMGR_DISPATCHER = PROCESS["EVALMGR_DISPATCHER"]
+    # A runner that cannot set Django up (here: settings it cannot import) dies as it starts
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "tests.no_such_settings")
+    with transaction.atomic():
+        delay_environs([result_for(sent)], run_here=True)
+    with caplog.at_level("WARNING", logger="oioioi.workers.runner_process"):
+        get_dispatcher().run_pending(sweep=False)
+    # Three runners die starting; then the consumer runs the recipes itself, and the job is done
+    assert caplog.text.count("The recipe runner exited") == 3
+    assert "running the recipes in this process from now on" in caplog.text
+    assert job_done(sent["job_id"])()
+    assert not PendingRun.objects.exists()
