@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 from consumer import environ
-from consumer.errors import InvalidEnviron, UndecodableMessage
+from consumer.errors import InvalidEnviron, PermanentError, UndecodableMessage
 
 #: Fields the legacy receiver deleted before resuming: the job group as sent, and its arguments.
 DROPPED_FIELDS = ("workers_jobs", "workers_jobs.extra_args")
@@ -67,7 +67,24 @@ def validate(env: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     return env
 
 
-def decode(body: bytes, message_id: str | None = None) -> Result:
-    """Decode and validate one message body."""
-    env = validate(parse_environ(body))
-    return Result(env=env, key=message_id or content_key(body), message_id=message_id)
+def decode(
+    body: bytes,
+    message_id: str | None = None,
+    check: Callable[[Mapping[str, Any]], None] | None = None,
+) -> Result:
+    """Decode and validate one message body, and ``check`` its environ (the store's refusals).
+
+    Raises only :class:`~consumer.errors.PermanentError`: a decoder that trips over the body
+    (JSON nested past the recursion limit, read here or by ``check``) is the body's fault too,
+    :class:`UndecodableMessage`.
+    """
+    try:
+        env = validate(parse_environ(body))
+        result = Result(env=env, key=message_id or content_key(body), message_id=message_id)
+        if check is not None:
+            check(result.env)
+    except PermanentError:
+        raise
+    except Exception as e:
+        raise UndecodableMessage(f"body could not be decoded: {type(e).__name__}: {e}") from None
+    return result

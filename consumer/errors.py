@@ -94,6 +94,10 @@ class WriteKeepsFailing(ConsumerError):
     """Raised when a write keeps failing with transient errors although the database answers."""
 
 
+class ShuttingDown(ConsumerError):
+    """Raised inside the consume loop when shutdown was asked for while a message was held."""
+
+
 class BrokerRefused(ConsumerError):
     """Raised when the broker closed the channel on a call (no permission, no such queue, a queue
     declared with other arguments); the connection stands. Carries the broker's reply."""

@@ -1,6 +1,7 @@
 """The consume loop: connect, receive, decode, write, then ack, dead-letter or wait for the database.
 
-What happens to each message, and why, is stated once in :mod:`consumer.policy`.
+What happens to each message, and why, is stated once in :mod:`consumer.policy`, and decided there
+by :func:`~consumer.policy.decide`: the loop asks it at each step and carries its answer out.
 
 Threads: the main thread owns the broker connection and keeps it serviced (heartbeats, incoming
 deliveries) while all database work runs on one dedicated thread, so a write that takes longer than
@@ -25,23 +26,19 @@ from consumer.errors import (
     ConsumerCancelled,
     DatabaseUnavailable,
     DeliveryLimitExceeded,
-    PermanentError,
     PublishError,
+    ShuttingDown,
     TransportError,
-    UndecodableMessage,
     WriteKeepsFailing,
 )
 from consumer.observe import Observer
+from consumer.policy import Decision, Facts, Kind, Outcome, Stage
 from consumer.retry import Backoff, database_retrying
 from consumer.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Rounds of "the write failed with transient errors, yet the database answered the probe at
-#: once" after which the error is taken to be the message's (see consumer.policy).
-_ANSWERED_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -75,10 +72,6 @@ class Store:
     count_attempt: Callable[[str], int] | None = None
     #: Classic queues: drop a message's attempt count once it is settled.
     forget_attempt: Callable[[str], None] | None = None
-
-
-class _Stopping(Exception):
-    """Raised inside the loop when shutdown was asked for while a message was in hand."""
 
 
 class ResultsConsumer:
@@ -151,7 +144,7 @@ class ResultsConsumer:
                     if lost_at is None:
                         lost_at = time.monotonic()
                     self.shutdown.wait(delay)
-                except _Stopping:
+                except ShuttingDown:
                     break
         self.observer.connected(False)
         log.info("Consumer stopped.")
@@ -180,20 +173,14 @@ class ResultsConsumer:
         fresh: list[tuple[Delivery, Result]] = []
         suspects: list[tuple[Delivery, Result]] = []
         for delivery in deliveries:
+            facts = policy.facts(delivery, Stage.DECODE)
             try:
-                result = decode(delivery.body, delivery.message_id)
-                if self.store.check is not None:
-                    self.store.check(result.env)
-            except PermanentError as e:
-                self._dead_letter(transport, delivery, e)
-                continue
+                result = decode(delivery.body, delivery.message_id, self.store.check)
             except Exception as e:
-                # The decoder tripped over the body itself (JSON nested past the recursion
-                # limit): still the message's fault, and no reason to crash.
-                error = UndecodableMessage(f"body could not be decoded: {type(e).__name__}: {e}")
-                self._dead_letter(transport, delivery, error)
+                self._settle(transport, delivery, e, self._decide(self._kind(e), facts))
                 continue
-            (suspects if policy.suspect(delivery) else fresh).append((delivery, result))
+            way = self._decide(Kind.NONE, facts).outcome
+            (suspects if way is Outcome.WRITE_ALONE else fresh).append((delivery, result))
         if fresh:
             self._write(transport, fresh)
         for item in suspects:
@@ -210,16 +197,16 @@ class ResultsConsumer:
         started = time.monotonic()
         try:
             outcomes = self._with_database(transport, lambda: self.store.write(results))
-        except (TransportError, _Stopping):
-            # The broker went away while the write ran; that says nothing about the message.
-            raise
         except Exception as e:
-            if len(items) > 1:
+            delivery = items[0][0]
+            facts = Facts(batch=len(items)) if len(items) > 1 else policy.facts(delivery)
+            decision = self._decide(self._kind(e), facts)
+            if decision.outcome is Outcome.WRITE_ALONE:
                 log.info("Batch of %d failed (%s); writing its messages one by one.", len(items), e)
                 for item in items:
                     self._write(transport, [item])
             else:
-                self._failed(transport, items[0][0], e)
+                self._settle(transport, delivery, e, decision)
             return
         self.observer.write_seconds(time.monotonic() - started, len(items))
         self.observer.database_up(True)
@@ -232,12 +219,14 @@ class ResultsConsumer:
         counted = self.settings.queue_type == "classic" and self.store.count_attempt is not None
         if counted:
             attempts = self._count_attempt(transport, result.key)
-            if attempts > self.settings.delivery_limit:
+            facts = policy.facts(delivery, Stage.COUNT, attempts=attempts)
+            decision = self._decide(Kind.NONE, facts)
+            if decision.outcome is not Outcome.WRITE_ALONE:
                 error = DeliveryLimitExceeded(
                     f"redelivered {attempts} times, each time after its consumer died or lost "
                     f"the broker with it in hand (limit {self.settings.delivery_limit})"
                 )
-                self._dead_letter(transport, delivery, error)
+                self._settle(transport, delivery, error, decision)
                 self._forget_attempt(transport, result.key)
                 return
         self._write(transport, [item])
@@ -249,11 +238,11 @@ class ResultsConsumer:
         assert count is not None
         try:
             return self._with_database(transport, lambda: count(key))
-        except (TransportError, _Stopping):
-            raise
-        except Exception:
-            # Without the count the message is written as if it were its first attempt: a
-            # lost count can cost another crash, never the message.
+        except Exception as e:
+            decision = self._decide(self._kind(e), Facts(stage=Stage.COUNT))
+            if decision.outcome is Outcome.LEFT_UNACKED:
+                raise
+            # Written alone, as if this were its first attempt.
             log.warning("Could not count the attempts of %r.", key, exc_info=True)
             return 1
 
@@ -277,12 +266,12 @@ class ResultsConsumer:
         while True:
             try:
                 return self._on_db(transport, lambda: self._retrying(func))
-            except DatabaseUnavailable as e:
-                if self._await_database(transport, e):
-                    answered = 0
-                    continue
-                answered += 1
-                if answered >= _ANSWERED_ROUNDS:
+            except Exception as e:
+                if self._kind(e) is not Kind.DATABASE_AWAY:
+                    raise
+                answered = 0 if self._await_database(transport, e) else answered + 1
+                facts = Facts(answered_rounds=answered)
+                if self._decide(Kind.DATABASE_AWAY, facts).outcome is not Outcome.HELD:
                     raise WriteKeepsFailing(
                         f"failed {answered} times with {e} while the database answered"
                     ) from e.__cause__
@@ -293,12 +282,16 @@ class ResultsConsumer:
         )
         try:
             return retrying(func)
-        except self.store.transient as e:
-            raise DatabaseUnavailable(f"{type(e).__name__}: {e}") from e
+        except Exception as e:
+            if self._kind(e) is Kind.DATABASE_AWAY:
+                raise DatabaseUnavailable(f"{type(e).__name__}: {e}") from e
+            raise
 
     def _log_outcomes(self, items: list[tuple[Delivery, Result]], outcomes: Sequence[str]) -> None:
         now = time.time()
-        for (delivery, result), outcome in zip(items, outcomes, strict=True):
+        for (delivery, result), answer in zip(items, outcomes, strict=True):
+            facts = Facts(duplicate=answer == Outcome.DUPLICATE.value)
+            outcome = self._decide(Kind.NONE, facts).outcome.value
             self.observer.settled(outcome)
             if delivery.properties.timestamp:
                 self.observer.age_seconds(max(0.0, now - delivery.properties.timestamp))
@@ -314,21 +307,34 @@ class ResultsConsumer:
                 },
             )
 
-    # --- ack or dead-letter ----------------------------------------------------------------
+    # --- ask the policy; ack or dead-letter -------------------------------------------------
 
-    def _failed(self, transport: Transport, delivery: Delivery, error: Exception) -> None:
-        if isinstance(error, PermanentError):
-            self._dead_letter(transport, delivery, error)
-        elif policy.retries(delivery) >= self.settings.max_retries:
-            log.error(
-                "Message %r failed %d times; giving up.",
-                delivery.message_id,
-                policy.retries(delivery) + 1,
-                exc_info=error,
-                extra={"message_id": delivery.message_id, "outcome": "dead-lettered"},
-            )
-            self._dead_letter(transport, delivery, error, with_traceback=True)
-        else:
+    def _kind(self, error: BaseException) -> Kind:
+        return policy.classify(error, self.store.transient)
+
+    def _decide(self, kind: Kind, facts: Facts) -> Decision:
+        return policy.decide(kind, facts, self.settings)
+
+    def _settle(
+        self, transport: Transport, delivery: Delivery, error: BaseException, decision: Decision
+    ) -> None:
+        """Carry out what the policy decided for a message that failed: dead-letter it, send
+        it to the retry queue, or leave it unacked (``error`` is raised again)."""
+        if decision.outcome is Outcome.LEFT_UNACKED:
+            # The broker went away, or shutdown came while the database was away: that says
+            # nothing about the message.
+            raise error
+        if decision.outcome is Outcome.DEAD_LETTERED:
+            if decision.with_traceback:
+                log.error(
+                    "Message %r failed %d times; giving up.",
+                    delivery.message_id,
+                    policy.retries(delivery) + 1,
+                    exc_info=error,
+                    extra={"message_id": delivery.message_id, "outcome": "dead-lettered"},
+                )
+            self._dead_letter(transport, delivery, error, decision)
+        elif decision.outcome is Outcome.RETRIED:
             log.warning(
                 "Write of message %r failed (%s: %s); retrying in %d ms.",
                 delivery.message_id,
@@ -345,20 +351,21 @@ class ResultsConsumer:
                 policy.retry_properties(delivery, error),
             )
             self.observer.settled("retried")
+        else:
+            raise AssertionError(f"{decision} does not settle a failed message") from error
 
     def _dead_letter(
-        self,
-        transport: Transport,
-        delivery: Delivery,
-        error: BaseException,
-        *,
-        with_traceback: bool = False,
+        self, transport: Transport, delivery: Delivery, error: BaseException, decision: Decision
     ) -> None:
+        reason = decision.reason or policy.reason_of(error)
         props = policy.dead_letter_properties(
-            delivery, error, self.settings.queue, with_traceback=with_traceback
+            delivery,
+            error,
+            self.settings.queue,
+            reason=reason,
+            with_traceback=decision.with_traceback,
         )
         self._publish_copy(transport, self.settings.dead_letter_queue, delivery.body, props)
-        reason = policy.reason_of(error)
         self.observer.settled("dead-lettered")
         self.observer.dead_lettered(reason)
         log.warning(
@@ -390,12 +397,12 @@ class ResultsConsumer:
         while True:
             transport.sleep(backoff.next())
             if self.shutdown.is_set():
-                raise _Stopping()
+                raise ShuttingDown("shutdown asked for while the database was away")
             try:
                 self._on_db(transport, self._probe)
-            except TransportError:
-                raise
             except Exception as e:
+                if self._kind(e) is Kind.BROKER_GONE:
+                    raise
                 # Whatever the probe raises, the database is not answering yet.
                 failed += 1
                 log.info(
@@ -436,12 +443,11 @@ class ResultsConsumer:
             # which is what its readiness reports.
             try:
                 self.store.sweep()
-            except self.store.transient:
-                self.observer.database_up(False)
+            except Exception as e:
                 log.warning("Sweeping abandoned runs failed.", exc_info=True)
-                return
-            except Exception:
-                log.warning("Sweeping abandoned runs failed.", exc_info=True)
+                if self._kind(e) is Kind.DATABASE_AWAY:
+                    self.observer.database_up(False)
+                    return
             self.observer.database_up(True)
 
         self._on_db(transport, sweep)
