@@ -44,7 +44,7 @@ from oioioi.workers.claims import (
     ClaimedBatch,
     ClaimedRun,
     abandoned,
-    claim,
+    claim_environ,
     claim_token,
     handoff_lease,
     relay_lease,
@@ -52,7 +52,13 @@ from oioioi.workers.claims import (
 )
 from oioioi.workers.conf import setting
 from oioioi.workers.models import PendingRun
-from oioioi.workers.runner import INFRASTRUCTURE_ERRORS, Ignore, LeaseLost, run_one, run_recipes
+from oioioi.workers.runner import (
+    INFRASTRUCTURE_ERRORS,
+    LeaseLost,
+    outcome_logged,
+    run_one,
+    run_recipes,
+)
 from oioioi.workers.sql import insert_rows, select_in, update_in
 
 log = logging.getLogger(__name__)
@@ -233,9 +239,7 @@ class LocalDispatcher(DurableDispatcher):
         """Claim one run (or renew a claim held) and run it; returns 1 if it ran."""
         token = held or claim_token()
         try:
-            if not claim(pk, token, held=held is not None):
-                return 0
-            text = PendingRun.objects.filter(pk=pk).values_list("environ", flat=True).first()
+            text = claim_environ(pk, token, held=held is not None)
         except INFRASTRUCTURE_ERRORS:
             self._hold(pk, held, stops)
             raise
@@ -247,17 +251,14 @@ class LocalDispatcher(DurableDispatcher):
     def _execute(self, pk: int, run: ClaimedRun, environ: dict[str, Any], stops: int) -> None:
         job_id = environ.get("job_id")
         try:
-            run_one(environ, run)
-        except Ignore:
-            log.info("Job %r was cancelled; its run ended.", job_id)
+            # A cancelled job, or one whose error handlers ran, is over: its run is finished.
+            with outcome_logged(job_id):
+                run_one(environ, run)
         except LeaseLost:
             log.warning("Run %r of job %r was taken over by another runner.", pk, job_id)
         except INFRASTRUCTURE_ERRORS:
             self._hold(pk, run.token, stops + 1)
             log.warning("Run %r of job %r stopped; it will be retried.", pk, job_id, exc_info=True)
-        except Exception:
-            # run_one ran the error handlers and finished the run; the job is over.
-            log.exception("Job %r failed in its recipe.", job_id)
 
 
 # --- relaying to Celery --------------------------------------------------------------------------
