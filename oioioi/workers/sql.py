@@ -122,6 +122,16 @@ def _conditions(
     return sql, params
 
 
+def _target(
+    model: type[models.Model], names: Sequence[str], db: Any
+) -> tuple[str, list[Callable[[Any], Any]]]:
+    """``table (columns)`` of ``names`` for an INSERT or a COPY, and each column's preparer."""
+    quote = db.ops.quote_name
+    fields = [_field(model, name) for name in names]
+    columns = ", ".join(quote(f.column) for f in fields)
+    return f"{quote(model._meta.db_table)} ({columns})", [_preparer(f, db) for f in fields]
+
+
 def insert_returning(
     model: type[models.Model],
     names: Sequence[str],
@@ -139,20 +149,16 @@ def insert_returning(
         return []
     db = _db()
     quote = db.ops.quote_name
-    fields = [_field(model, name) for name in names]
-    prepare = [_preparer(f, db) for f in fields]
-    head = (
-        f"INSERT INTO {quote(model._meta.db_table)} "
-        f"({', '.join(quote(f.column) for f in fields)}) VALUES "
-    )
+    target, prepare = _target(model, names, db)
+    head = f"INSERT INTO {target} VALUES "
     tail = ""
     if skip_conflicts_on is not None:
         tail += f" ON CONFLICT ({quote(_field(model, skip_conflicts_on).column)}) DO NOTHING"
     tail += " RETURNING " + ", ".join(quote(_field(model, name).column) for name in returning)
-    one_row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    one_row = "(" + ", ".join(["%s"] * len(prepare)) + ")"
     out: list[tuple[Any, ...]] = []
     with db.cursor() as cursor:
-        for part in _row_chunks(db, rows, len(fields)):
+        for part in _row_chunks(db, rows, len(prepare)):
             params = [p(value) for row in part for p, value in zip(prepare, row, strict=True)]
             cursor.execute(head + ", ".join([one_row] * len(part)) + tail, params)
             out.extend(tuple(r) for r in cursor.fetchall())
@@ -389,13 +395,8 @@ def copy_rows(
     ``bytes`` for text fields, taken as UTF-8 text.
     """
     db = _db()
-    quote = db.ops.quote_name
-    fields = [_field(model, name) for name in names]
-    prepare = [_preparer(f, db) for f in fields]
-    sql = (
-        f"COPY {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-        "FROM STDIN"
-    )
+    target, prepare = _target(model, names, db)
+    sql = f"COPY {target} FROM STDIN"
 
     def lines() -> Iterator[bytes]:
         # One row's line at a time: the rows' escaped copy never exists whole (a batch of
