@@ -2,7 +2,8 @@
 
 Stages, one module each: :mod:`.config` (settings), :mod:`.transport` (pika, wrapped),
 :mod:`.topology` (exchanges and queues), :mod:`.decode` (body to environ), :mod:`.retry`
-(database retry policy), :mod:`.policy` (what happens to each message), :mod:`.consumer` (the loop),
+(database retry policy), :mod:`.policy` (what happens to each message), :mod:`.loop` (the
+consume loop),
 :mod:`.publish` (putting results on the queue). Only :mod:`.transport` imports pika.
 
 The programs built on it live beside it, each importing only this package's public names:

@@ -36,12 +36,13 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from celery.exceptions import Ignore
-from django.db import InterfaceError, OperationalError, transaction
+from django.db import transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from consumer.environ import RawEnviron, loads, parse
 from oioioi.evalmgr.models import SavedEnviron
+from oioioi.workers.errors import TRANSIENT_ERRORS
 from oioioi.workers.jobs import delete_jobs, distinct_jobs, mark_jobs_state
 from oioioi.workers.sql import insert_rows
 
@@ -66,11 +67,7 @@ class LeaseLost(Exception):
 
 #: Errors of the infrastructure, not of the job: the run is left for a retry, and no error
 #: handler runs.
-INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    LeaseLost,
-    OperationalError,
-    InterfaceError,
-)
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (LeaseLost, *TRANSIENT_ERRORS)
 
 
 class Runs(Protocol[K]):
