@@ -66,6 +66,7 @@ class RabbitNode:
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
+            HOME="/var/lib/rabbitmq" if os.geteuid() == 0 else env.get("HOME", ""),
             RABBITMQ_NODENAME=self.name,
             RABBITMQ_NODE_PORT=str(self.port),
             RABBITMQ_DIST_PORT=str(self.dist_port),
@@ -90,7 +91,7 @@ class RabbitNode:
         if os.geteuid() == 0:
             subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(self.base)], check=True)
         subprocess.run(
-            ["rabbitmq-server", "-detached"],
+            self._server_command(),
             env=self._env(),
             check=True,
             stdout=subprocess.DEVNULL,
@@ -109,6 +110,41 @@ class RabbitNode:
                 time.sleep(0.5)
         wait_for_amqp(self.url, timeout=30)
         return self
+
+    def _server_command(self) -> list[str]:
+        """``rabbitmq-server -detached``, with as many open files as the machine allows.
+
+        Run as root, Debian's wrapper switches to the ``rabbitmq`` user with ``su``, which resets
+        the limit of open files to 1024. RabbitMQ sizes its file handles from that limit when it
+        boots and stops accepting connections once they are used up: a node that has served a
+        whole test session (about a thousand quorum queues, each with files of its own) then left
+        new connections unanswered in the kernel's backlog, unseen by ``rabbitmqctl`` too. So as
+        root the server is started as that user by ``setpriv``, which keeps the limit, raised to
+        the hard limit first.
+        """
+        server = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+        if os.geteuid() != 0 or not server.exists() or not shutil.which("setpriv"):
+            return ["rabbitmq-server", "-detached"]
+        return [
+            "setpriv",
+            "--reuid=rabbitmq",
+            "--regid=rabbitmq",
+            "--init-groups",
+            "--",
+            "sh",
+            "-c",
+            f'ulimit -n "$(ulimit -Hn)"; cd /var/lib/rabbitmq && exec {server} -detached',
+        ]
+
+    def open_files_limit(self) -> int | None:
+        """The node's soft limit of open files (None before it has written its pid file)."""
+        pid = self.pid()
+        if pid is None:
+            return None
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+        return None
 
     def ctl(self, *args: str, timeout: float = 60.0) -> str:
         proc = subprocess.run(

@@ -213,3 +213,17 @@ def test_the_consumer_fails_over_to_a_node_that_answers(
     sent = waiting_job()
     broker.publish_env(result_for(sent))
     wait_until(job_done(sent["job_id"]), 30, "the result applied")
+
+
+def test_a_private_node_may_open_as_many_files_as_the_machine_allows(private_broker):
+    import os
+    import resource
+
+    # A node limited to 1024 open files stopped accepting connections after a whole session's
+    # queues (see tests.broker.RabbitNode._server_command)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limit = private_broker.open_files_limit()
+    if os.geteuid() == 0:
+        assert limit == hard
+    else:
+        assert limit is not None and limit > 0
