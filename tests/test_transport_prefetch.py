@@ -6,38 +6,12 @@ running consumer takes starting it again; without that every batch would be a si
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
 
 import pika
-import pytest
 
 from consumer.transport import Transport
-from tests.broker import BrokerUnavailable, RabbitNode
 from tests.conftest import make_settings
-
-
-@pytest.fixture(scope="module")
-def amqp_url() -> Iterator[str]:
-    """A broker node of this module's own (or TEST_AMQP_URL's).
-
-    At the end of the whole SQLite pass, the node the suite shares has stopped answering
-    connection handshakes (TCP accepted, the protocol header never read; epmd no longer lists
-    it) in every full run since the dead-letter archive tests came in, and never when the
-    modules run on their own; the cause is not found yet. These tests are about the prefetch,
-    so they do not wait on it.
-    """
-    url = os.environ.get("TEST_AMQP_URL")
-    if url:
-        yield url
-        return
-    try:
-        node = RabbitNode().start()
-    except BrokerUnavailable as e:
-        pytest.fail(f"Cannot start a private RabbitMQ node: {e}", pytrace=False)
-    yield node.url
-    node.stop()
 
 
 def publish(settings, count: int) -> None:
